@@ -1,0 +1,80 @@
+"""The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, arXiv 2112.10752, sec. 3):
+x -> q(z|x) = N(mu, sigma^2) in a latent space f times smaller, z -> x_hat.
+
+A plain ``nn.Module`` with the CompVis constructor and checkpoint keys (``encoder.*``, ``decoder.*``,
+``quant_conv.*``, ``post_quant_conv.*``); in sd-v1 it sits frozen under ``first_stage_model.``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ldm.checkpoint import CheckpointError, load_state_dict
+from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+
+class AutoencoderKL(nn.Module):
+    """CompVis ``AutoencoderKL``: ``ddconfig`` builds the Encoder and Decoder; ``embed_dim`` is the latent width.
+
+    ``lossconfig`` is accepted so CompVis configs build unchanged; the training loss is not part of
+    this module. ``ckpt_path`` loads weights strictly after dropping keys that start with any of
+    ``ignore_keys`` (the released kl-f8 file also carries ``loss.*``: pass ``ignore_keys=["loss"]``).
+    """
+
+    def __init__(self, ddconfig: Mapping[str, Any], embed_dim: int, lossconfig: Mapping[str, Any] | None = None,
+                 ckpt_path: str | os.PathLike | None = None, ignore_keys: Sequence[str] = (),
+                 image_key: str = "image", monitor: str | None = None):
+        super().__init__()
+        del lossconfig  # training-only in CompVis; the sd-v1 autoencoder is frozen
+        if not ddconfig.get("double_z", True):
+            raise ValueError("AutoencoderKL: ddconfig.double_z must be true (the encoder predicts mean and log-variance)")
+        self.image_key = image_key
+        self.monitor = monitor
+        self.embed_dim = embed_dim
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    def init_from_ckpt(self, path: str | os.PathLike, ignore_keys: Sequence[str] = ()) -> None:
+        """Load ``path`` (``.ckpt`` or ``.safetensors``) strictly, without the keys under ``ignore_keys``."""
+        prefixes = tuple(ignore_keys)
+        state = {k: v for k, v in load_state_dict(path).items() if not k.startswith(prefixes)}
+        check_state_dict(self, state, str(path))
+        self.load_state_dict(state)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        moments = self.quant_conv(self.encoder(x))  # (B, 2*embed_dim, H/f, W/f)
+        return DiagonalGaussianDistribution(moments)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))  # (B, out_ch, f h, f w)
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
+        """Reconstruct ``x`` through a posterior sample (or its mean); returns (x_hat, posterior)."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, embed_dim, H/f, W/f)
+        return self.decode(z), posterior
+
+
+def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming ``source`` unless ``state`` has exactly ``module``'s keys and shapes."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: keys do not match {type(module).__name__}: {len(missing)} missing {missing[:5]}, "
+            f"{len(unexpected)} unexpected {unexpected[:5]}"
+        )
+    wrong = [k for k in expected if expected[k].shape != state[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(f"{source}: {k!r} has shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}")

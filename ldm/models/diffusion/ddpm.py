@@ -1,0 +1,289 @@
+"""DDPM and LatentDiffusion systems: thin LightningModules that wire a denoiser network, the
+diffusion process (``schedule.py``) and, for latent diffusion, an autoencoder and a text encoder.
+
+The state-dict keys are those of the released sd-v1 checkpoints: ``model.diffusion_model.*``,
+``first_stage_model.*``, ``cond_stage_model.*``, the schedule buffers and ``model_ema.*``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator, Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ldm.checkpoint import CheckpointError, load_state_dict
+from ldm.models.diffusion.schedule import make_beta_schedule, q_sample, schedule_buffers
+from ldm.modules.ema import LitEma
+from ldm.util import instantiate_from_config
+
+log = logging.getLogger(__name__)
+
+EMA_PREFIX = "model_ema."
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the denoiser under ``diffusion_model`` (sd-v1 key ``model.diffusion_model.*``)."""
+
+    def __init__(self, unet_config: Mapping, conditioning_key: str | None):
+        super().__init__()
+        if conditioning_key not in (None, "crossattn"):
+            raise ValueError(f"conditioning_key must be 'crossattn' or null, got {conditioning_key!r}")
+        self.diffusion_model = instantiate_from_config(unet_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.diffusion_model(x, t, context=context)
+
+
+def _check_unsupported(**options: Any) -> None:
+    for name, (value, default) in options.items():
+        if value != default:
+            raise ValueError(f"{name}={value!r} is not supported (only {default!r})")
+
+
+class DDPM(pl.LightningModule):
+    """Denoising diffusion with an eps-predicting network (Ho et al. 2020)."""
+
+    def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
+                 loss_type: str = "l2", ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
+                 load_only_unet: bool = False, monitor: str | None = "val/loss", use_ema: bool = True,
+                 first_stage_key: str = "image", image_size: int = 256, channels: int = 3,
+                 log_every_t: int = 100, clip_denoised: bool = True, linear_start: float = 1e-4,
+                 linear_end: float = 2e-2, cosine_s: float = 8e-3, given_betas: Sequence[float] | None = None,
+                 original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
+                 conditioning_key: str | None = None, parameterization: str = "eps",
+                 scheduler_config: Mapping | None = None, use_positional_encodings: bool = False,
+                 learn_logvar: bool = False, logvar_init: float = 0.0, ema_decay: float = 0.9999):
+        super().__init__()
+        _check_unsupported(loss_type=(loss_type, "l2"), parameterization=(parameterization, "eps"),
+                           original_elbo_weight=(original_elbo_weight, 0.0), learn_logvar=(learn_logvar, False),
+                           use_positional_encodings=(use_positional_encodings, False),
+                           load_only_unet=(load_only_unet, False))
+        self.first_stage_key = first_stage_key
+        self.image_size, self.channels = image_size, channels
+        self.log_every_t, self.clip_denoised = log_every_t, clip_denoised
+        self.l_simple_weight, self.monitor = l_simple_weight, monitor
+        self.scheduler_config = scheduler_config
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model, decay=ema_decay)
+        betas = (torch.tensor(given_betas, dtype=torch.float64).numpy() if given_betas is not None
+                 else make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s))
+        self.num_timesteps = len(betas)
+        for name, value in schedule_buffers(betas, v_posterior).items():
+            self.register_buffer(name, value)
+        self.learning_rate = 1e-4
+        if ckpt_path:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    # ---- weights -------------------------------------------------------------------------
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
+        """Load an sd-v1 style checkpoint with strict key and shape checks (see ``load_sd_weights``)."""
+        load_sd_weights(self, load_state_dict(path), source=str(path), ignore_keys=ignore_keys)
+
+    @contextlib.contextmanager
+    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+        """Run the block with the EMA weights in ``self.model``; the trained weights return after."""
+        if not self.use_ema:
+            yield
+            return
+        with self.model_ema.swapped_into(self.model):
+            if context:
+                log.info("%s: switched to EMA weights", context)
+            yield
+
+    # ---- process -------------------------------------------------------------------------
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return q_sample(x_start, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        return self.model(x_noisy, t, context=_as_context(cond))
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
+                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Simple eps loss ||eps - eps_theta(x_t, t, c)||^2 (DDPM eq. 14), averaged per sample."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        eps = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
+        per_sample = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = self.l_simple_weight * per_sample.mean()
+        prefix = "train" if self.training else "val"
+        return loss, {f"{prefix}/loss_simple": per_sample.mean().detach(), f"{prefix}/loss": loss.detach()}
+
+    def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=device).long()
+
+    # ---- data ----------------------------------------------------------------------------
+    def get_input(self, batch: Mapping, key: str) -> torch.Tensor:
+        """Images are stored (B, H, W, C) in [-1, 1], as the CompVis data sets give them."""
+        x = batch[key]
+        if x.ndim == 3:
+            x = x[..., None]
+        return rearrange(x, "b h w c -> b c h w").to(memory_format=torch.contiguous_format).float()
+
+    def shared_step(self, batch: Mapping) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = self.get_input(batch, self.first_stage_key)
+        return self.p_losses(x, None, self.sample_timesteps(x.shape[0], x.device))
+
+    # ---- Lightning -----------------------------------------------------------------------
+    def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
+        loss, logs = self.shared_step(batch)
+        self.log_dict(logs, prog_bar=True, on_step=True, logger=True)
+        return loss
+
+    def validation_step(self, batch: Mapping, batch_idx: int) -> None:
+        _, logs = self.shared_step(batch)
+        with self.ema_scope():
+            _, logs_ema = self.shared_step(batch)
+        self.log_dict({**logs, **{k + "_ema": v for k, v in logs_ema.items()}}, on_epoch=True)
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        if self.scheduler_config is None:
+            return opt
+        schedule = instantiate_from_config(self.scheduler_config)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule)
+        return [opt], [{"scheduler": sched, "interval": "step", "frequency": 1}]
+
+
+class LatentDiffusion(DDPM):
+    """Diffusion in the latent space of a frozen KL autoencoder, conditioned by cross-attention on
+    text embeddings (Rombach et al. 2022, arXiv 2112.10752)."""
+
+    def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, num_timesteps_cond: int = 1,
+                 cond_stage_key: str = "txt", cond_stage_trainable: bool = False, concat_mode: bool = True,
+                 cond_stage_forward: str | None = None, conditioning_key: str | None = "crossattn",
+                 scale_factor: float = 1.0, scale_by_std: bool = False, **kwargs: Any):
+        _check_unsupported(num_timesteps_cond=(num_timesteps_cond, 1), cond_stage_forward=(cond_stage_forward, None))
+        ckpt_path = kwargs.pop("ckpt_path", None)  # loaded below, once every sub-model exists
+        ignore_keys = kwargs.pop("ignore_keys", ())
+        super().__init__(conditioning_key=conditioning_key, **kwargs)
+        self.cond_stage_key, self.cond_stage_trainable = cond_stage_key, cond_stage_trainable
+        self.scale_by_std = scale_by_std
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        else:
+            self.scale_factor = scale_factor
+        self.first_stage_model = instantiate_from_config(first_stage_config)
+        freeze(self.first_stage_model)
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        if not cond_stage_trainable:
+            freeze(self.cond_stage_model)
+        if ckpt_path:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    def train(self, mode: bool = True) -> "LatentDiffusion":
+        """Frozen parts stay in eval mode whatever the system's mode."""
+        super().train(mode)
+        self.first_stage_model.eval()
+        if not self.cond_stage_trainable:
+            self.cond_stage_model.eval()
+        return self
+
+    # ---- conditioning and first stage ------------------------------------------------------
+    def get_learned_conditioning(self, c: Sequence[str]) -> torch.Tensor:
+        """Text prompts -> cross-attention context [B, 77, 768]."""
+        return self.cond_stage_model.encode(list(c))
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior: Any,
+                                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = scale_factor * a sample of the posterior (or the tensor itself)."""
+        if isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            z = encoder_posterior.sample(generator=generator)
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    @torch.no_grad()
+    def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
+        """With ``scale_by_std``, set scale_factor = 1 / std(z) from the first batch (LDM paper, sec. 4.3)."""
+        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and self.current_epoch == 0:
+            x = self.get_input(batch, self.first_stage_key).to(self.device)
+            z = self.get_first_stage_encoding(self.encode_first_stage(x)) / self.scale_factor
+            self.scale_factor.fill_(1.0 / z.flatten().std().item())
+
+    def shared_step(self, batch: Mapping) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = self.get_input(batch, self.first_stage_key)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        c = self.get_learned_conditioning(batch[self.cond_stage_key])
+        return self.p_losses(z, c, self.sample_timesteps(z.shape[0], z.device))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = super().trainable_parameters()
+        if self.cond_stage_trainable:
+            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        return params
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    return module.requires_grad_(False)
+
+
+def _as_context(cond: Any) -> torch.Tensor | None:
+    """Accept the CompVis forms: a tensor, a list of tensors, or {'c_crossattn': [tensor]}."""
+    if isinstance(cond, Mapping):
+        cond = cond["c_crossattn"]
+    if isinstance(cond, (list, tuple)):
+        cond = torch.cat(list(cond), dim=1)
+    return cond
+
+
+def load_sd_weights(model: DDPM, state: dict[str, torch.Tensor], source: str,
+                    ignore_keys: Sequence[str] = ()) -> None:
+    """Load sd-v1 weights strictly: every key the model expects must be present with its shape, and
+    every key in the file must be used. Accepted on purpose: keys starting with an ``ignore_keys``
+    prefix (dropped from both sides); ``model_ema.*`` when the model keeps no EMA; a file without
+    ``model_ema.*`` for a model with EMA (the EMA then starts from the loaded weights)."""
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_keys))}
+    has_ema = any(k.startswith(EMA_PREFIX) for k in state)
+    if not model.use_ema:
+        state = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(ignore_keys))}
+    if model.use_ema and not has_ema:
+        expected = {k: v for k, v in expected.items() if not k.startswith(EMA_PREFIX)}
+    result = model.load_state_dict(_checked(state, expected, source), strict=False)
+    missing = [k for k in result.missing_keys if k in expected]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(_key_report(source, missing, result.unexpected_keys))
+    if model.use_ema and not has_ema:
+        model.model_ema.reset_from(model.model)
+
+
+def _checked(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> dict:
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})" for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape for this config, e.g. "
+                              + "; ".join(wrong[:3]))
+    return state
+
+
+def _key_report(source: str, missing: Sequence[str], unexpected: Sequence[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:4])}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:4])}")
+    return f"{source}: checkpoint does not fit the config: " + "; ".join(parts)
