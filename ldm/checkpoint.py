@@ -115,3 +115,25 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike, metadata: M
         else:
             torch.save(dict(obj), tmp)
     return path
+
+
+def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                optional: tuple[str, ...] = ()) -> None:
+    """``module.load_state_dict(state)`` with every key and shape checked; a mismatch is one
+    ``CheckpointError`` line naming ``source`` and some keys. Keys of ``module`` that start with a
+    prefix in ``optional`` may be absent (they keep their current values)."""
+    expected = module.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})" for k, v in state.items()
+             if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape for this config, e.g. "
+                              + "; ".join(wrong[:3]))
+    result = module.load_state_dict(dict(state), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(optional)] if optional else result.missing_keys
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:4])}")
+        if result.unexpected_keys:
+            parts.append(f"{len(result.unexpected_keys)} unexpected keys, e.g. {', '.join(result.unexpected_keys[:4])}")
+        raise CheckpointError(f"{source}: checkpoint does not fit {type(module).__name__}: " + "; ".join(parts))

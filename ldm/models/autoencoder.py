@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ldm.checkpoint import CheckpointError, load_state_dict
+from ldm.checkpoint import load_state_dict, load_strict
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
@@ -46,8 +46,7 @@ class AutoencoderKL(nn.Module):
         """Load ``path`` (``.ckpt`` or ``.safetensors``) strictly, without the keys under ``ignore_keys``."""
         prefixes = tuple(ignore_keys)
         state = {k: v for k, v in load_state_dict(path).items() if not k.startswith(prefixes)}
-        check_state_dict(self, state, str(path))
-        self.load_state_dict(state)
+        load_strict(self, state, str(path))
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         moments = self.quant_conv(self.encoder(x))  # (B, 2*embed_dim, H/f, W/f)
@@ -62,19 +61,3 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, embed_dim, H/f, W/f)
         return self.decode(z), posterior
-
-
-def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointError naming ``source`` unless ``state`` has exactly ``module``'s keys and shapes."""
-    expected = module.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: keys do not match {type(module).__name__}: {len(missing)} missing {missing[:5]}, "
-            f"{len(unexpected)} unexpected {unexpected[:5]}"
-        )
-    wrong = [k for k in expected if expected[k].shape != state[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(f"{source}: {k!r} has shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.checkpoint import CheckpointError, load_state_dict
+from ldm.checkpoint import load_state_dict, load_strict
 from ldm.models.diffusion.schedule import make_beta_schedule, q_sample, schedule_buffers
 from ldm.modules.ema import LitEma
 from ldm.util import instantiate_from_config
@@ -180,7 +180,9 @@ class LatentDiffusion(DDPM):
         self.first_stage_model = instantiate_from_config(first_stage_config)
         freeze(self.first_stage_model)
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
-        if not cond_stage_trainable:
+        if cond_stage_trainable:  # the system decides, whatever the encoder's own default
+            self.cond_stage_model.requires_grad_(True)
+        else:
             freeze(self.cond_stage_model)
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
@@ -254,36 +256,14 @@ def load_sd_weights(model: DDPM, state: dict[str, torch.Tensor], source: str,
                     ignore_keys: Sequence[str] = ()) -> None:
     """Load sd-v1 weights strictly: every key the model expects must be present with its shape, and
     every key in the file must be used. Accepted on purpose: keys starting with an ``ignore_keys``
-    prefix (dropped from both sides); ``model_ema.*`` when the model keeps no EMA; a file without
-    ``model_ema.*`` for a model with EMA (the EMA then starts from the loaded weights)."""
-    state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_keys))}
+    prefix (dropped from the file, may be absent); ``model_ema.*`` when the model keeps no EMA; a file
+    without ``model_ema.*`` for a model with EMA (the EMA then starts from the loaded weights)."""
+    ignore = tuple(ignore_keys)
+    state = {k: v for k, v in state.items() if not k.startswith(ignore)}
     has_ema = any(k.startswith(EMA_PREFIX) for k in state)
     if not model.use_ema:
         state = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(ignore_keys))}
-    if model.use_ema and not has_ema:
-        expected = {k: v for k, v in expected.items() if not k.startswith(EMA_PREFIX)}
-    result = model.load_state_dict(_checked(state, expected, source), strict=False)
-    missing = [k for k in result.missing_keys if k in expected]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(_key_report(source, missing, result.unexpected_keys))
+    optional = ignore + ((EMA_PREFIX,) if model.use_ema and not has_ema else ())
+    load_strict(model, state, source, optional=optional)
     if model.use_ema and not has_ema:
         model.model_ema.reset_from(model.model)
-
-
-def _checked(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> dict:
-    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})" for k, v in state.items()
-             if k in expected and v.shape != expected[k].shape]
-    if wrong:
-        raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape for this config, e.g. "
-                              + "; ".join(wrong[:3]))
-    return state
-
-
-def _key_report(source: str, missing: Sequence[str], unexpected: Sequence[str]) -> str:
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:4])}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:4])}")
-    return f"{source}: checkpoint does not fit the config: " + "; ".join(parts)

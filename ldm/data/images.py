@@ -1,0 +1,101 @@
+"""Image loading and validation: the one place where files on disk become RGB images.
+
+Every dataset and script goes through :func:`load_rgb`, so a file decodes the same way for
+DreamBooth training and for BLIP-2 captioning:
+
+1. EXIF orientation is applied (``ImageOps.exif_transpose``), as phone cameras store it.
+2. The whole file is decoded now, so a truncated or corrupt file fails here, by name.
+3. The mode is brought to 8-bit RGB (:func:`to_rgb`): transparency (``RGBA``, ``LA``, ``PA``,
+   or a ``transparency`` entry as palette/grey PNGs carry) is composited on WHITE, as
+   transformers' ``convert_to_rgb`` does; 16-bit grey (``I;16``, ``I;16B``, ``I;16L``, ``I``)
+   is scaled by 255/65535 with rounding instead of PIL's clipping conversion; grey, palette,
+   CMYK and 1-bit images use PIL's conversion.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+class ImageLoadError(ValueError):
+    """A file that cannot be used as an image; the one-line message names it and says why."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True when the name ends in an image extension (case-insensitive); the content is not read."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Image files under ``root`` by extension, sorted by their relative path (deterministic).
+
+    Hidden files and folders (names starting with ``.``, e.g. macOS ``._x.jpg``) are skipped;
+    symbolic links to folders are not followed.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: image folder not found")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
+        found += [Path(folder, f) for f in files if not f.startswith(".") and is_image_file(f)]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """16-bit grey (0..65535) -> 8-bit ``L``: round(v * 255 / 65535) = (v + 128) // 257."""
+    v = np.asarray(image).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((v + 128) // 257).astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit ``RGB``; transparency is composited on white (see the module notes)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_l(image).convert("RGB")
+    if image.mode == "F":
+        raise ValueError("floating-point (mode F) images have no defined 8-bit range")
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _open_decoded(path: Path) -> Image.Image:
+    """Open and fully decode ``path``, orientation applied; errors name the file and the cause."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except FileNotFoundError:
+        raise ImageLoadError(f"{path}: image file not found") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{path}: not an image (PIL cannot identify the format)") from None
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(f"{path}: refused, too many pixels ({err})") from None
+    except PermissionError:
+        raise ImageLoadError(f"{path}: cannot read the file (permission denied)") from None
+    except Exception as err:  # decoders raise OSError, SyntaxError, struct.error, zlib.error ...
+        raise ImageLoadError(f"{path}: truncated or corrupt image ({type(err).__name__}: {err})") from None
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Read an image file as 8-bit RGB, EXIF-oriented, transparency composited on white.
+
+    Raises :class:`ImageLoadError` (a ``ValueError``) naming the file when it is missing, not an
+    image, truncated or corrupt, or of a mode without a defined 8-bit range.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ImageLoadError(f"{path}: is a folder, expected an image file")
+    image = _open_decoded(path)
+    try:
+        return to_rgb(image)
+    except ValueError as err:
+        raise ImageLoadError(f"{path}: {err}") from None
