@@ -34,7 +34,7 @@ def test_schedule_matches_diffusers_scaled_linear():
 
 def test_timesteps_are_compvis_leading_plus_one():
     ref = DDIMScheduler(**COMPVIS, timestep_spacing="leading")
-    for steps in (1, 10, 50, 250):
+    for steps in (1, 3, 7, 10, 50, 250, 999):
         ref.set_timesteps(steps)
         np.testing.assert_array_equal(ddim_timesteps(1000, steps)[::-1], ref.timesteps.numpy())
     with pytest.raises(ValueError, match="sampling steps"):

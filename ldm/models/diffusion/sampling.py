@@ -17,10 +17,14 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
-    """The CompVis "uniform" spacing: range(0, T, T // S) + 1 (diffusers: "leading", steps_offset 1)."""
+    """The CompVis "uniform" spacing, k * (T // S) + 1 for k < S (diffusers: "leading", steps_offset 1).
+
+    CompVis writes range(0, T, T // S) + 1, the same when S divides T; otherwise it makes S + 1 steps
+    (and indexes past the schedule for e.g. S = 3). Here it is always exactly S steps, as diffusers.
+    """
     if not 0 < steps <= num_train_timesteps:
         raise ValueError(f"number of sampling steps must be in [1, {num_train_timesteps}], got {steps}")
-    return np.arange(0, num_train_timesteps, num_train_timesteps // steps) + 1
+    return np.arange(steps) * (num_train_timesteps // steps) + 1
 
 
 def ddim_coefficients(alphas_cumprod: torch.Tensor, timesteps: np.ndarray,
