@@ -88,3 +88,15 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
             raise RuntimeError("disk full")
     assert torch.equal(load_state_dict(target)["w"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+def test_atomic_write_gives_ordinary_file_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint({"w": torch.ones(1)}, tmp_path / "a.safetensors")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.chmod(path, 0o600)
+        save_checkpoint({"w": torch.zeros(1)}, path)
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(umask)
