@@ -24,6 +24,7 @@ setup(
     ],
     extras_require={
         # test oracles and test data; open_clip_torch is installed with --no-deps (see .ci/run)
-        "test": ["pytest>=8", "diffusers>=0.30", "scikit-image", "accelerate"],
+        # pycocoevalcap: the coco-caption BLEU / CIDEr scorers (pure Python) as an oracle for ours
+        "test": ["pytest>=8", "diffusers>=0.30", "scikit-image", "accelerate", "pycocoevalcap"],
     },
 )

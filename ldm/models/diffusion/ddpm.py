@@ -150,8 +150,12 @@ class DDPM(pl.LightningModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; subclasses give parts their own learning rate here."""
+        return [{"params": self.trainable_parameters()}]
+
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        opt = torch.optim.AdamW(self.param_groups(), lr=self.learning_rate)
         if self.scheduler_config is None:
             return opt
         schedule = instantiate_from_config(self.scheduler_config)

@@ -1,0 +1,242 @@
+"""Full-state checkpoints from which a run resumes exactly, and the pieces they need.
+
+A checkpoint holds the weights (EMA included: ``model_ema.*``), optimizer, LR scheduler, step and
+loop counters (Lightning's), the data order (``DataModuleFromConfig.state_dict``) and the RNG
+states of torch, CUDA, numpy and python for every rank (here). On CPU a resumed run reproduces
+the uninterrupted run's losses and weights bit for bit. How:
+
+1. The state is taken between two training steps: loop counters as they stand at the end of step
+   ``k`` (``on_train_batch_end``, the point Lightning's own restart logic expects), everything else
+   at the start of step ``k + 1`` (``on_train_batch_start``), after the LightningModule's
+   ``on_train_batch_end`` updated the EMA and after any validation; the final and the
+   signal-triggered checkpoints are written in ``on_train_end``.
+2. A resumed run restores the RNG states at the same point, its first ``on_train_batch_start``.
+3. Files are written atomically (``AtomicCheckpointIO``); ``last.ckpt`` is a hard link to the newest
+   step file (a copy where links are not possible), replaced in one rename.
+4. SIGTERM and SIGUSR1 set a flag; at the next batch boundary every rank agrees to stop, the state
+   is saved and training ends cleanly. An exception saves ``last.ckpt`` too (best effort: exact
+   when it struck before the optimizer step, as a crash in the forward pass does).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import random
+import shutil
+import signal
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from ldm.checkpoint import load_checkpoint, save_checkpoint
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STEP_FILE = "step-{:06d}.ckpt"
+LAST_FILE = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO through ``ldm.checkpoint``: atomic writes, ``weights_only`` reads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        save_checkpoint(checkpoint, path)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path)
+
+
+# ---- RNG states, as tensors and plain types (readable with weights_only=True) ------------------
+def rng_state() -> dict[str, Any]:
+    """The global RNG states of this process: torch (CPU and CUDA), numpy and python."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": py_gauss}}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+
+
+def gather_objects(trainer: pl.Trainer, obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (a collective: every rank must call it)."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def loop_state(trainer: pl.Trainer) -> dict[str, Any]:
+    """A copy of the ``loops`` entry Lightning writes into a checkpoint."""
+    loops = {"fit_loop": trainer.fit_loop, "validate_loop": trainer.validate_loop,
+             "test_loop": trainer.test_loop, "predict_loop": trainer.predict_loop}
+    return copy.deepcopy({name: loop.state_dict() for name, loop in loops.items()})
+
+
+def publish(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same file as ``src`` (a hard link, else a copy) in one atomic rename."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class RankSeed(pl.Callback):
+    """Seeds every rank's global RNGs with ``seed + rank`` at setup: the ranks draw different
+    noise and timesteps, and each rank's draws are reproducible."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl.seed_everything(self.seed + trainer.global_rank, verbose=False)
+
+
+class ResumableCheckpoint(Checkpoint):
+    """Writes ``dirpath/step-NNNNNN.ckpt`` every ``every_n_steps`` optimizer steps and at the end,
+    keeps the newest ``keep_last`` of them, and points ``last.ckpt`` at the newest (see the module
+    notes for what is saved and when)."""
+
+    def __init__(self, dirpath: str | os.PathLike, every_n_steps: int = 500, keep_last: int = 3):
+        if every_n_steps < 1 or keep_last < 1:
+            raise ValueError(f"lightning.checkpoint: every_n_steps={every_n_steps}, keep_last={keep_last}: "
+                             "expected positive integers")
+        self.dirpath = Path(dirpath)
+        self.every_n_steps, self.keep_last = every_n_steps, keep_last
+        self._loops: dict[str, Any] | None = None  # loop counters at the end of the last finished batch
+        self._rng_at_batch_start: dict[str, Any] | None = None  # set while a batch is in progress
+        self._rng_ranks: list[dict[str, Any]] = []  # what the checkpoint being written stores
+        self._rng_to_restore: list[dict[str, Any]] | None = None
+        self._save_due = self._writing = False
+        self._last_step, self._saved_step = -1, -1
+        self._signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    # ---- signals ----------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signal = signum
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Install the stop handlers (after Lightning installed its own, which they replace)."""
+        self._last_step = trainer.global_step
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+
+    def _restore_handlers(self) -> None:
+        """Put back the handlers found at train start (before Lightning's teardown restores its own)."""
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def _stop_requested(self, trainer: pl.Trainer) -> bool:
+        """True on every rank when any rank got a stop signal (a collective, once per batch)."""
+        return trainer.strategy.reduce_boolean_decision(self._signal is not None, all=False)
+
+    # ---- when to save -------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            self._restore_rng(trainer)
+        if self._save_due:
+            self._save(trainer)
+        self._rng_at_batch_start = rng_state()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        self._loops, self._rng_at_batch_start = loop_state(trainer), None
+        stepped = trainer.global_step != self._last_step  # False while accumulating gradients
+        self._last_step = trainer.global_step
+        if stepped and self._stop_requested(trainer):
+            rank_zero_info(f"Stop signal received: saving {self.dirpath / LAST_FILE} and stopping.")
+            trainer.should_stop = True
+        self._save_due = stepped and trainer.global_step % self.every_n_steps == 0
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._loops is not None:
+            self._save(trainer)
+        self._restore_handlers()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Save ``last.ckpt`` from this process alone (other ranks may be stuck in a collective)."""
+        self._restore_handlers()
+        if self._loops is None:
+            return  # no training step finished in this run: nothing new to save
+        rng = self._rng_at_batch_start or rng_state()  # as the failed batch started, or as it stands
+        self._rng_ranks = [rng] if trainer.world_size == 1 else []
+        if trainer.is_global_zero:
+            self._writing = True
+            try:
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.dirpath / LAST_FILE)
+            finally:
+                self._writing = False
+            rank_zero_warn(f"{type(exception).__name__} during training: saved {self.dirpath / LAST_FILE} "
+                           f"at step {trainer.global_step}")
+
+    # ---- writing ------------------------------------------------------------------------------
+    def _save(self, trainer: pl.Trainer) -> None:
+        """Write the step file and ``last.ckpt`` (all ranks call this: the RNG states are gathered)."""
+        self._save_due = False
+        if trainer.global_step == self._saved_step:
+            return
+        self._rng_ranks = gather_objects(trainer, rng_state())
+        path = self.dirpath / STEP_FILE.format(trainer.global_step)
+        self._writing = True
+        try:
+            trainer.save_checkpoint(path, weights_only=False)
+        finally:
+            self._writing = False
+        self._saved_step = trainer.global_step
+        if trainer.is_global_zero:
+            publish(path, self.dirpath / LAST_FILE)
+            self._prune(trainer)
+
+    def _prune(self, trainer: pl.Trainer) -> None:
+        steps = sorted(self.dirpath.glob("step-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
+        for old in steps[:-self.keep_last]:
+            trainer.strategy.remove_checkpoint(old)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Our writes store the loop counters of the end of the last finished batch."""
+        if self._writing:
+            checkpoint["loops"] = self._loops
+
+    # ---- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self._rng_ranks} if self._writing else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rng_to_restore = state_dict.get("rng")
+
+    def _restore_rng(self, trainer: pl.Trainer) -> None:
+        states, self._rng_to_restore = self._rng_to_restore, None
+        if trainer.global_rank < len(states):
+            set_rng_state(states[trainer.global_rank])
+        else:
+            warnings.warn(f"rank {trainer.global_rank}: the checkpoint holds no RNG state for this rank (saved "
+                          "after an exception in a multi-process run): random draws will differ from the original run")

@@ -1,0 +1,132 @@
+"""DreamBooth (Ruiz et al. 2022, arXiv 2208.12242) on Stable Diffusion v1: fine-tune the UNet (and,
+optionally, the text encoder) on a few images of one subject, with the class-specific
+prior-preservation loss of Eq. 2:
+
+    L = E ||eps - eps_theta(z_t, t, c_instance)||^2 + lambda * E ||eps' - eps_theta(z'_t', t', c_class)||^2
+
+where ``c_instance`` encodes "a photo of [identifier] [class]" and ``c_class`` "a photo of a [class]",
+the second term on images the base model generated of the class, and lambda = ``prior_loss_weight``.
+
+Layout: two forwards of the UNet per step, one per half of the batch (as XavierXiao's
+DreamBooth-Stable-Diffusion; diffusers concatenates both halves into one forward). Each half goes
+through ``LatentDiffusion.p_losses``, the one definition of the eps loss, and each half draws from the
+global torch RNG in a fixed order: the posterior sample of z, then t ~ U{0..T-1}, then eps ~ N(0, I);
+the instance half first. A resumed run that restores the RNG state therefore reproduces the draws.
+
+Caches (derived data, never saved in checkpoints):
+- frozen text encoder: each distinct prompt is encoded once, alone (so the result does not depend on
+  which prompts shared its batch), and kept by prompt.
+- ``cache_latents``: the VAE posterior moments of each distinct image, keyed by a hash of its pixels.
+  A random flip or crop gives other pixels and so another entry; the cache is therefore correct for
+  any augmentation, but only pays off when the items repeat (center crop: at most 2 entries per
+  image with flips). The posterior is still sampled every step, as without the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+
+def image_key(image: torch.Tensor) -> bytes:
+    """A digest of one image's shape, dtype and pixels: equal keys mean equal images."""
+    data = image.detach().cpu().contiguous()
+    header = f"{tuple(data.shape)}{data.dtype}".encode()
+    return hashlib.blake2b(header + data.numpy().tobytes(), digest_size=16).digest()
+
+
+class DreamBooth(LatentDiffusion):
+    """LatentDiffusion trained on ``{"instance": {...}, "class": {...}}`` batches (class optional).
+
+    ``train_text_encoder`` trains the CLIP text encoder too (its own learning rate ``text_encoder_lr``,
+    None = the UNet's); the VAE is always frozen. Every other argument is LatentDiffusion's.
+    """
+
+    def __init__(self, *, prior_loss_weight: float = 1.0, train_text_encoder: bool = True,
+                 text_encoder_lr: float | None = None, cache_latents: bool = False, **kwargs: Any):
+        trainable = kwargs.pop("cond_stage_trainable", train_text_encoder)
+        if trainable != train_text_encoder:
+            raise ValueError(f"DreamBooth: cond_stage_trainable={trainable} contradicts train_text_encoder="
+                             f"{train_text_encoder}; set train_text_encoder only")
+        if prior_loss_weight < 0:
+            raise ValueError(f"DreamBooth: prior_loss_weight must be >= 0, got {prior_loss_weight}")
+        if text_encoder_lr is not None and not train_text_encoder:
+            raise ValueError("DreamBooth: text_encoder_lr is set but train_text_encoder is false")
+        super().__init__(cond_stage_trainable=train_text_encoder, **kwargs)
+        self.prior_loss_weight = prior_loss_weight
+        self.train_text_encoder = train_text_encoder
+        self.text_encoder_lr = text_encoder_lr
+        self.cache_latents = cache_latents
+        self.model.requires_grad_(True)  # LatentDiffusion froze the VAE and set the text encoder as asked
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._moment_cache: dict[bytes, torch.Tensor] = {}
+
+    # ---- inputs --------------------------------------------------------------------------------
+    def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> c [B, 77, D]; a frozen encoder encodes each distinct prompt once, alone."""
+        if self.train_text_encoder:
+            return self.get_learned_conditioning(prompts)
+        with torch.no_grad():
+            for prompt in dict.fromkeys(prompts):
+                if prompt not in self._prompt_cache:
+                    self._prompt_cache[prompt] = self.get_learned_conditioning([prompt])[0]  # (77, D)
+        return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)  # (B, 77, D)
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        """q(z | x) of the frozen VAE; with ``cache_latents`` each distinct image is encoded once."""
+        if not self.cache_latents:
+            return self.encode_first_stage(x)
+        keys = [image_key(img) for img in x]
+        new = {k: i for i, k in enumerate(keys) if k not in self._moment_cache}
+        for k, i in new.items():  # one at a time: the entry does not depend on the batch it came in
+            self._moment_cache[k] = self.encode_first_stage(x[i:i + 1]).parameters[0]  # (2 z_channels, h, w)
+        return DiagonalGaussianDistribution(torch.stack([self._moment_cache[k] for k in keys]))
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """z = scale_factor * (a sample of q(z | x)), in the images' dtype (autocast may encode in 16 bit)."""
+        return self.get_first_stage_encoding(self.posterior(x)).detach().to(x.dtype)  # (B, 4, H/8, W/8)
+
+    def denoising_loss(self, part: Mapping) -> torch.Tensor:
+        """The eps loss of one half of the batch (draws: posterior sample, then t, then eps)."""
+        z = self.latents(self.get_input(part, self.first_stage_key))
+        c = self.conditioning(part[self.cond_stage_key])
+        t = self.sample_timesteps(z.shape[0], z.device)
+        loss, _ = self.p_losses(z, c, t)
+        return loss
+
+    # ---- Lightning -----------------------------------------------------------------------------
+    def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
+        """DreamBooth Eq. 2: instance loss plus ``prior_loss_weight`` times the class (prior) loss."""
+        loss_instance = self.denoising_loss(batch["instance"])
+        logs = {"train/loss_instance": loss_instance.detach()}
+        loss = loss_instance
+        if "class" in batch:
+            loss_class = self.denoising_loss(batch["class"])
+            loss = loss_instance + self.prior_loss_weight * loss_class
+            logs["train/loss_class"] = loss_class.detach()
+        logs["train/loss"] = loss.detach()
+        self.log_dict(logs, prog_bar=True, on_step=True, batch_size=len(batch["instance"][self.cond_stage_key]))
+        return loss
+
+    def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
+        """``scale_by_std`` measures the instance images."""
+        super().on_train_batch_start(batch["instance"], batch_idx)
+
+    def on_fit_start(self) -> None:
+        """Weights may have been restored since the caches were filled."""
+        self._prompt_cache.clear()
+        self._moment_cache.clear()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The UNet, and the text encoder with its own learning rate when it is trained."""
+        groups = [{"name": "unet", "params": [p for p in self.model.parameters() if p.requires_grad]}]
+        if self.train_text_encoder:
+            lr = self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+            params = [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+            groups.append({"name": "text_encoder", "params": params, "lr": lr})
+        return groups

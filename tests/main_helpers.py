@@ -1,0 +1,125 @@
+"""Helpers for the ``main.py`` tests: tiny data and checkpoints, subprocess runs, TensorBoard
+scalars, and callbacks injected through ``lightning.callbacks.<name>.target=...`` overrides."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.callbacks.regularization import RegularizationSampler
+from tests.sd_fixtures import ROOT, tiny_model
+
+DREAMBOOTH_TINY = ROOT / "configs" / "toy" / "dreambooth-tiny.yaml"
+
+
+def make_images(folder: Path, n: int, size: int = 40, seed: int = 0) -> Path:
+    """``n`` random RGB PNGs (non-square, so cropping is exercised)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def base_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A tiny sd-v1 style checkpoint ({'state_dict': ...}) of the tiny LatentDiffusion."""
+    torch.save({"state_dict": tiny_model(seed).state_dict()}, path)
+    return path
+
+
+def _env() -> dict[str, str]:
+    """One thread per process: identical float reductions in every run, and no oversubscription."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1"}
+
+
+def start_main(args: list[str], cwd: Path) -> subprocess.Popen:
+    """``python main.py *args`` in the background (stdout and stderr piped)."""
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_main(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_dirs(logdir: Path) -> list[Path]:
+    return sorted(p for p in logdir.iterdir() if p.is_dir())
+
+
+def read_scalars(run: Path, tag: str) -> dict[int, float]:
+    """step -> value of ``tag`` over the run's TensorBoard event files, later files winning
+    (a resumed run rewrites the steps after its checkpoint)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, float] = {}
+    for events in sorted((run / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+class KillAtStep(pl.Callback):
+    """Sends ``signum`` (default SIGKILL) to its own process at the end of optimizer step ``step``."""
+
+    def __init__(self, step: int, signum: str = "SIGKILL"):
+        self.step, self.signum = step, getattr(signal, signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class RaiseAtStep(pl.Callback):
+    """Raises RuntimeError as the batch after optimizer step ``step`` starts."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"test failure at step {self.step}")
+
+
+class RankRecorder(pl.Callback):
+    """Writes ``<folder>/rank<r>.pt``: the rank's final weights and a digest of each of its batches."""
+
+    def __init__(self, folder: str):
+        self.folder, self.batches = Path(folder), []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append(batch["instance"]["image"].double().sum().item())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": pl_module.state_dict(), "batches": self.batches},
+                   self.folder / f"rank{trainer.global_rank}.pt")
+
+
+class RecordingRegularizationSampler(RegularizationSampler):
+    """The class-image sampler, also writing the indices each rank generated to ``<record_dir>/rank<r>.json``."""
+
+    def __init__(self, record_dir: str, **kwargs):
+        super().__init__(**kwargs)
+        self.record_dir, self.rank = Path(record_dir), 0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.rank = trainer.global_rank
+        super().on_fit_start(trainer, pl_module)
+
+    def generate(self, model, indices, progress=False):
+        self.record_dir.mkdir(parents=True, exist_ok=True)
+        (self.record_dir / f"rank{self.rank}.json").write_text(json.dumps(list(indices)))
+        return super().generate(model, indices, progress)

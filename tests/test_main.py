@@ -1,0 +1,172 @@
+"""main.py end to end (a subprocess DreamBooth run on the tiny config) and its bad inputs."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import main
+from ldm.checkpoint import load_checkpoint
+from ldm.data.images import list_images
+from tests.main_helpers import (DREAMBOOTH_TINY, base_checkpoint, make_images, read_scalars, run_dirs, run_main,
+                                start_main)
+
+STEPS, CLASS_IMAGES = 2, 2
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("main")
+    return {"tmp": tmp, "instance": make_images(tmp / "instance", 2), "base": base_checkpoint(tmp / "base.ckpt")}
+
+
+@pytest.fixture(scope="module")
+def run(files):
+    """One training run; a bad --resume runs beside it (the real CLI's exit status and stderr)."""
+    tmp = files["tmp"]
+    bad = start_main(["-r", str(tmp / "nowhere"), "-t"], tmp)
+    proc = run_main(["--base", str(DREAMBOOTH_TINY), "-t", "--actual_resume", str(files["base"]),
+                     "--data_root", str(files["instance"]), "--reg_data_root", str(tmp / "reg"),
+                     "--class_word", "dog", "-n", "e2e", "-l", str(tmp / "logs"),
+                     f"lightning.trainer.max_steps={STEPS}", f"dreambooth.num_class_images={CLASS_IMAGES}",
+                     "lightning.callbacks.image_logger.params.every_n_steps=1", "notes.free_form=kept"], tmp)
+    bad_out = bad.communicate(timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"proc": proc, "dir": run_dirs(tmp / "logs")[0], "bad": (bad.returncode, bad_out[1])}
+
+
+def test_run_folder_layout(run):
+    d = run["dir"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d_e2e", d.name)
+    assert {p.name for p in d.iterdir()} >= {"checkpoints", "configs", "images", "tensorboard"}
+
+
+def test_class_images_were_generated(run, files):
+    assert len(list_images(files["tmp"] / "reg")) == CLASS_IMAGES
+
+
+def test_checkpoint_holds_the_full_training_state_in_sd_v1_layout(run):
+    ckpt = load_checkpoint(run["dir"] / "checkpoints" / "last.ckpt")  # weights_only=True
+    assert ckpt["global_step"] == STEPS
+    assert any(k.startswith("model.diffusion_model.") for k in ckpt["state_dict"])
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in ckpt["state_dict"])
+    assert ckpt["optimizer_states"] and "loops" in ckpt and "DataModuleFromConfig" in ckpt
+    assert ckpt["callbacks"]["ResumableCheckpoint"]["rng"][0]["torch"].dtype == torch.uint8
+    assert (run["dir"] / "checkpoints" / f"step-{STEPS:06d}.ckpt").samefile(run["dir"] / "checkpoints" / "last.ckpt")
+
+
+def test_losses_logged_to_tensorboard_and_progress_bar(run):
+    for tag in ("train/loss", "train/loss_instance", "train/loss_class"):
+        assert sorted(read_scalars(run["dir"], tag)) == list(range(STEPS)), tag
+    assert "train/loss" in run["proc"].stdout + run["proc"].stderr
+
+
+def test_samples_logged(run):
+    grids = sorted((run["dir"] / "images").glob("step-*/grid.png"))
+    assert [g.parent.name for g in grids] == [f"step-{s:06d}" for s in range(1, STEPS + 1)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = next((run["dir"] / "tensorboard").glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events), size_guidance={"images": 0})
+    acc.Reload()
+    assert "samples" in acc.Tags()["images"]
+
+
+def test_merged_config_saved(run, files):
+    saved = list((run["dir"] / "configs").glob("*-project.yaml"))
+    assert len(saved) == 1
+    cfg = OmegaConf.load(saved[0])
+    assert cfg.dreambooth.class_word == "dog" and cfg.dreambooth.data_root == str(files["instance"])
+    assert cfg.model.params.ckpt_path == str(files["base"])
+    assert cfg.lightning.trainer.max_steps == STEPS and cfg.notes.free_form == "kept"  # unknown keys are fine
+
+
+def test_an_exception_saves_last_checkpoint(files):
+    """In process (the exception propagates out of main): last.ckpt holds the state after step 2."""
+    logs, threads = files["tmp"] / "raise_logs", torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(RuntimeError, match="test failure at step 2"):
+            main.main(base_args(files, **{"-l": str(logs)}) + [
+                "lightning.trainer.max_steps=4", "lightning.callbacks.image_logger=null",
+                "lightning.callbacks.boom.target=tests.main_helpers.RaiseAtStep",
+                "lightning.callbacks.boom.params.step=2"])
+    finally:
+        torch.set_num_threads(threads)
+    (run_dir,) = run_dirs(logs)
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+# ---- bad inputs: one line on stderr, exit status 1 --------------------------------------------------
+def one_line_error(capsys, argv: list[str]) -> str:
+    code = main.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    return err[0]
+
+
+def test_bad_resume_path_from_the_command_line(run):
+    code, err = run["bad"]
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "--resume" in err and "nowhere" in err
+
+
+def base_args(files, **changes) -> list[str]:
+    args = {"--base": str(DREAMBOOTH_TINY), "--actual_resume": str(files["base"]),
+            "--data_root": str(files["instance"]), "-l": str(files["tmp"] / "bad_logs"), **changes}
+    return ["-t"] + [x for k, v in args.items() if v is not None for x in (k, v)]
+
+
+def test_missing_data_root(capsys, files):
+    assert "--data_root is required" in one_line_error(capsys, base_args(files, **{"--data_root": None}))
+    msg = one_line_error(capsys, base_args(files, **{"--data_root": str(files["tmp"] / "absent")}))
+    assert "absent" in msg and "no such folder" in msg
+
+
+def test_empty_data_root(capsys, files):
+    (files["tmp"] / "empty").mkdir(exist_ok=True)
+    msg = one_line_error(capsys, base_args(files, **{"--data_root": str(files["tmp"] / "empty")}))
+    assert "empty" in msg and "no images" in msg
+
+
+def test_missing_base_checkpoint(capsys, files):
+    assert "--actual_resume is required" in one_line_error(capsys, base_args(files, **{"--actual_resume": None}))
+    msg = one_line_error(capsys, base_args(files, **{"--actual_resume": str(files["tmp"] / "absent.ckpt")}))
+    assert "absent.ckpt" in msg and "not found" in msg
+
+
+def test_base_checkpoint_that_is_not_sd_v1(capsys, files):
+    wrong = files["tmp"] / "wrong.ckpt"
+    torch.save({"state_dict": {"some.other.weight": torch.zeros(2)}}, wrong)
+    msg = one_line_error(capsys, base_args(files, **{"--actual_resume": str(wrong)}))
+    assert "wrong.ckpt" in msg and "missing keys, e.g. betas" in msg and "unexpected keys, e.g. some.other.weight" in msg
+
+
+def test_class_word_missing_for_class_images(capsys, files):
+    msg = one_line_error(capsys, base_args(files, **{"--reg_data_root": str(files["tmp"] / "reg_x")}))
+    assert "--class_word" in msg and "reg_x" in msg
+
+
+def test_bad_resume_path(capsys, files):
+    assert "--resume" in one_line_error(capsys, ["-r", str(files["tmp"] / "nowhere"), "-t"])
+    assert "checkpoints/last.ckpt" in one_line_error(capsys, ["-r", str(files["tmp"]), "-t"])
+
+
+def test_config_without_model(capsys, files):
+    no_model = files["tmp"] / "no_model.yaml"
+    no_model.write_text("data: {target: x}\n")
+    assert "no 'model' section" in one_line_error(capsys, base_args(files, **{"--base": str(no_model)}))
+
+
+def test_unknown_trainer_argument(capsys, files):
+    msg = one_line_error(capsys, base_args(files) + ["lightning.trainer.max_stepz=3"])
+    assert "lightning.trainer.max_stepz" in msg
+
+
+def test_overrides_may_follow_the_base_configs(capsys):
+    opt, overrides = main.parse_args(["--base", str(DREAMBOOTH_TINY), "a.b=1", "-t", "c.d=[1, 2]"])
+    assert opt.base == [str(DREAMBOOTH_TINY)] and opt.train and overrides == ["a.b=1", "c.d=[1, 2]"]
+    assert "unrecognized argument 'stray'" in one_line_error(capsys, ["--base", str(DREAMBOOTH_TINY), "-t", "stray"])
+    assert "cannot be combined" in one_line_error(capsys, ["-r", "x", "-n", "y"])
