@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from blip2.config import activation
 
@@ -101,9 +102,11 @@ class EvaViT(nn.Module):
         blocks = [EvaBlock(width, heads, mlp_dim, eps, act, qkv_bias) for _ in range(depth)]
         self.encoder = nn.ModuleDict({"layers": nn.ModuleList(blocks)})
         self.post_layernorm = nn.LayerNorm(width, eps=eps)
+        self.gradient_checkpointing = False  # training: recompute each block's activations in backward
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixel_values)  # (B, 1+N, D)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.encoder.layers:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)  # (B, 1+N, D)
         return self.post_layernorm(x)  # (B, 1+N, D)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from blip2.config import activation
 
@@ -106,6 +107,7 @@ class OPTDecoder(nn.Module):
         self.final_layer_norm = nn.LayerNorm(dim, elementwise_affine=norm_affine)
         self.layers = nn.ModuleList(
             [OPTDecoderLayer(dim, heads, ffn_dim, act, bias, norm_affine) for _ in range(depth)])
+        self.gradient_checkpointing = False  # training (no cache): recompute each layer in backward
 
     def forward(self, embeds: torch.Tensor, key_mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """``embeds`` [B, T, D] continue the cached sequence; ``key_mask`` [B, S] marks the valid
@@ -114,8 +116,9 @@ class OPTDecoder(nn.Module):
         positions = (key_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]  # (B, T)
         x = embeds + self.embed_positions(positions + POSITION_OFFSET).to(embeds.dtype)  # (B, T, D)
         mask = attention_mask(key_mask, embeds.shape[1])  # (B, 1, T, S)
+        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, cache, i)
+            x = checkpoint(layer, x, mask, cache, i, use_reentrant=False) if recompute else layer(x, mask, cache, i)
         if cache is not None:
             cache.length += embeds.shape[1]
         return self.final_layer_norm(x)  # (B, T, D)

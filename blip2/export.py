@@ -1,0 +1,110 @@
+"""Save a BLIP-2 OPT as a Hugging Face folder that ``Blip2OPT.from_pretrained`` and transformers'
+``Blip2ForConditionalGeneration.from_pretrained`` both load.
+
+The folder (the layout of the Hub's ``Salesforce/blip2-opt-*``):
+1. ``config.json``: the ``Blip2Config`` fields (``model_type`` "blip-2" and its sub-config types);
+2. ``model.safetensors``: the ``Blip2ForConditionalGeneration`` keys, without the output head tied
+   to the token embedding (transformers does not store tied copies), ``format: pt`` metadata;
+3. the tokenizer files (``save_pretrained`` of the model's tokenizer);
+4. ``preprocessor_config.json``: ``BlipImageProcessor`` settings (size, mean, std, bicubic).
+
+From a training checkpoint of ``Blip2OPTFinetune`` (``state_dict`` ``model.*`` plus ``blip2_config``):
+
+    python -m blip2.export --ckpt logs/<run>/checkpoints/last.ckpt --tokenizer <hf folder> --out <folder>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from blip2.config import normalize_config
+from blip2.hub import TIED, assign_weights, load_tokenizer
+from blip2.models.blip2_opt import Blip2OPT
+from ldm.checkpoint import CheckpointError, atomic_path, load_checkpoint, save_checkpoint
+
+MODEL_PREFIX = "model."
+
+
+def hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of a ``Blip2ForConditionalGeneration`` with an OPT language model."""
+    cfg = normalize_config(config)
+    return {
+        "architectures": ["Blip2ForConditionalGeneration"], "model_type": "blip-2",
+        "vision_config": {**cfg["vision_config"], "model_type": "blip_2_vision_model"},
+        "qformer_config": {**cfg["qformer_config"], "model_type": "blip_2_qformer"},
+        "text_config": cfg["text_config"], "num_query_tokens": cfg["num_query_tokens"],
+        "image_token_index": cfg["image_token_index"], "use_decoder_only_language_model": True,
+    }
+
+
+def preprocessor_config(model: Blip2OPT) -> dict[str, Any]:
+    """``BlipImageProcessor`` settings of the model's inputs (see ``blip2.processors``)."""
+    return {
+        "image_processor_type": "BlipImageProcessor", "processor_class": "Blip2Processor",
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True, "resample": 3,
+        "rescale_factor": 1 / 255, "size": {"height": model.image_size, "width": model.image_size},
+        "image_mean": list(model.image_mean), "image_std": list(model.image_std),
+    }
+
+
+def _write_json(obj: Mapping[str, Any], path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def save_pretrained(model: Blip2OPT, config: Mapping[str, Any], folder: str | os.PathLike) -> Path:
+    """Write ``model`` (with its ``Blip2Config`` ``config``) as an HF folder; returns the folder."""
+    if model.tokenizer is None:
+        raise ValueError("save_pretrained: the model has no tokenizer to save")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v for k, v in model.state_dict().items() if k != TIED[0]}
+    save_checkpoint(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    _write_json(hf_config(config), folder / "config.json")
+    _write_json(preprocessor_config(model), folder / "preprocessor_config.json")
+    model.tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def export_checkpoint(ckpt: str | os.PathLike, folder: str | os.PathLike, tokenizer: str | os.PathLike,
+                      image_size: int | None = None) -> Path:
+    """A ``Blip2OPTFinetune`` checkpoint -> an HF folder; ``tokenizer``: a folder with the tokenizer
+    files; ``image_size``: the training resolution (default: the config's)."""
+    obj = load_checkpoint(ckpt)
+    if "blip2_config" not in obj or "state_dict" not in obj:
+        raise CheckpointError(f"{ckpt}: not a Blip2OPTFinetune checkpoint (no 'blip2_config' / 'state_dict')")
+    state = {k[len(MODEL_PREFIX):]: v for k, v in obj["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+    tok = load_tokenizer(Path(tokenizer))
+    if tok is None:
+        raise ValueError(f"{tokenizer}: no tokenizer files (tokenizer.json / vocab.json) in the folder")
+    with torch.device("meta"):
+        model = Blip2OPT.from_config(obj["blip2_config"], tokenizer=tok)
+    model = assign_weights(model, str(ckpt), set(state), state.__getitem__, "cpu").eval()
+    if image_size is not None:
+        model.image_size = image_size
+    return save_pretrained(model, obj["blip2_config"], folder)
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(description="Blip2OPTFinetune checkpoint -> Hugging Face folder")
+    p.add_argument("--ckpt", required=True, help="training checkpoint (last.ckpt)")
+    p.add_argument("--tokenizer", required=True, help="folder with the tokenizer files (e.g. the base HF folder)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the config's)")
+    args = p.parse_args(argv)
+    try:
+        export_checkpoint(args.ckpt, args.out, args.tokenizer, args.image_size)
+    except ValueError as err:
+        print(f"blip2.export: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
