@@ -20,7 +20,6 @@ from ldm.data.images import ImageLoadError, is_image_file, list_images, load_rgb
 from ldm.inference import load_config
 from ldm.util import instantiate_from_config
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VQA_TEMPLATE = "Question: {} Answer:"
 
 

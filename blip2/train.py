@@ -31,9 +31,8 @@ from blip2.lm_loss import caption_loss, caption_tokens, prompt_length, with_prom
 from blip2.metrics import caption_scores, vqa_accuracy
 from blip2.models.blip2_opt import Blip2OPT
 from blip2.optim import WarmupCosine, param_groups
-from ldm.util import instantiate_from_config
+from ldm.util import DTYPES, instantiate_from_config
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CAPTION_GENERATION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
 VQA_GENERATION = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
 

@@ -29,11 +29,11 @@ import torch
 from ldm.checkpoint import SAFETENSORS_SUFFIXES, CheckpointError, load_checkpoint, save_checkpoint
 from ldm.models.diffusion.ddpm import EMA_PREFIX
 from ldm.models.diffusion.schedule import make_beta_schedule, schedule_buffers
+from ldm.util import DTYPES
 
 UNET_PREFIX = "model.diffusion_model."
 NETWORK_PREFIXES = (UNET_PREFIX, "first_stage_model.", "cond_stage_model.")
 SCHEDULE_KEYS = frozenset(schedule_buffers(make_beta_schedule("linear", 2))) | {"scale_factor"}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth")
 POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ldm.checkpoint import CheckpointError, atomic_path, load_state_dict
+from ldm.checkpoint import CheckpointError, atomic_path
 from ldm.util import instantiate_from_config
 
 

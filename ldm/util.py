@@ -2,6 +2,11 @@
 import importlib
 from typing import Any, Mapping
 
+import torch
+
+# The precision names the configs and scripts accept.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def get_obj_from_str(path: str) -> Any:
     """Return the object named by a dotted path such as ``ldm.models.autoencoder.AutoencoderKL``."""

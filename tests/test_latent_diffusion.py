@@ -1,5 +1,4 @@
 """LatentDiffusion: sd-v1 keys, checkpoint formats, DDIM+CFG against diffusers, training step."""
-import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
