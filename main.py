@@ -61,8 +61,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help=f"identifier of the subject (default {DEFAULT_TOKEN})")
     p.add_argument("-s", "--seed", type=int, default=None, help=f"seed (default {DEFAULT_SEED})")
     p.add_argument("-l", "--logdir", default="logs", help="folder of the run folders")
-    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
-                   help="lr = base_lr * accumulate_grad_batches * devices * num_nodes * batch_size")
+    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=None,
+                   help="lr = base_lr * accumulate_grad_batches * devices * num_nodes * batch_size "
+                        "(default: the config's lightning.scale_lr, else true as in CompVis)")
     p.add_argument("--no-test", dest="no_test", action="store_true",
                    help="skip the final evaluation on the validation set")
     return p
@@ -149,6 +150,11 @@ def check_inputs(config: DictConfig, train: bool, resuming: bool) -> None:
         raise ValueError("--actual_resume is required: DreamBooth fine-tunes a base sd-v1 checkpoint")
     if "data" not in config:
         raise ValueError("the config has no 'data' section: nothing to train on")
+    if "dreambooth" in config:
+        check_dreambooth_data(config)
+
+
+def check_dreambooth_data(config: DictConfig) -> None:
     root = OmegaConf.select(config, "data.params.train.params.data_root")
     if root is None:
         raise ValueError("--data_root is required: the folder of instance images (dreambooth.data_root)")
@@ -252,7 +258,9 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
     if is_rank_zero():
         save_config(config, logdir, now)
     trainer = build_trainer(config, logdir)
-    set_learning_rate(model, config, trainer, opt.scale_lr)
+    scale_lr = opt.scale_lr if opt.scale_lr is not None else OmegaConf.select(config, "lightning.scale_lr",
+                                                                            default=True)
+    set_learning_rate(model, config, trainer, bool(scale_lr))
     if opt.train:
         trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
     if not opt.no_test and OmegaConf.select(config, "data.params.validation") and not trainer.interrupted:

@@ -13,7 +13,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> to
     gen = torch.Generator().manual_seed(seed)
     for name, p in sorted(module.named_parameters()):
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * scale
-        if p.ndim == 1 and ("norm" in name or "ln" in name) and name.endswith("weight"):
+        if p.ndim == 1 and ("norm" in name.lower() or "ln" in name) and name.endswith("weight"):
             noise = noise + 1.0
         p.copy_(noise.to(p.dtype))
     return module

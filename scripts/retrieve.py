@@ -1,0 +1,141 @@
+"""Image-text retrieval with a BLIP-2 stage-1 model: rank the texts for each image and the images
+for each text by ITC similarity (max over queries of the cosine), optionally re-ranking the top
+``--itm_top_k`` of each list by the ITM match probability (as BLIP-2 retrieval re-ranks with ITM).
+
+    python scripts/retrieve.py --model models/blip2-itm-vit-g --images photos/ --texts "a dog" "a red car"
+    python scripts/retrieve.py --config configs/blip2/pretrain_stage1.yaml --ckpt logs/run/checkpoints/last.ckpt \
+        --images a.jpg list.txt --texts_file captions.txt --itm_top_k 5
+
+Images: files, folders (recursive) and list files; an unreadable image is an error naming it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from blip2.inference import batches, collect_inputs  # noqa: E402
+from blip2.models.blip2_qformer import Blip2Qformer  # noqa: E402
+from blip2.processors import PREPROCESSOR_FILE, Blip2ImageProcessor  # noqa: E402
+from ldm.checkpoint import load_state_dict, load_strict  # noqa: E402
+from ldm.data.images import load_rgb  # noqa: E402
+from ldm.inference import load_config  # noqa: E402
+from ldm.util import instantiate_from_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a Hugging Face Blip2ForImageTextRetrieval folder")
+    src.add_argument("--config", help="an OmegaConf yaml whose 'model' builds a Blip2Qformer (with --ckpt)")
+    p.add_argument("--ckpt", help="weights for --config (.ckpt or .safetensors)")
+    p.add_argument("--images", nargs="+", required=True, help="image files, folders or list files")
+    p.add_argument("--texts", nargs="*", default=[], help="candidate texts")
+    p.add_argument("--texts_file", help="a file of candidate texts, one a line")
+    p.add_argument("--top_k", type=int, default=5, help="entries shown per image / per text")
+    p.add_argument("--itm_top_k", type=int, default=0, help="re-rank this many of each list with ITM (0: off)")
+    p.add_argument("--max_txt_len", type=int, default=None, help="text truncation (default: the model's, 32)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def read_texts(opt: argparse.Namespace) -> list[str]:
+    texts = list(opt.texts)
+    if opt.texts_file:
+        path = Path(opt.texts_file)
+        if not path.is_file():
+            raise ValueError(f"--texts_file {path}: file not found")
+        texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ValueError("no texts: give --texts and/or --texts_file")
+    return texts
+
+
+def load_model(opt: argparse.Namespace) -> tuple[Blip2Qformer, Blip2ImageProcessor]:
+    """(model, image processor) from a Hub folder, or from a yaml plus a checkpoint (strict keys)."""
+    if opt.model is not None:
+        model = Blip2Qformer.from_pretrained(opt.model, device=opt.device)
+        if (Path(opt.model) / PREPROCESSOR_FILE).is_file():
+            return model, Blip2ImageProcessor.from_folder(opt.model)
+    else:
+        if not opt.ckpt:
+            raise ValueError("--config needs --ckpt (the weights to load into the model it builds)")
+        model_config = load_config([opt.config]).model
+        model_config.params.update(vision_weights=None, bert_weights=None)  # every weight comes from --ckpt
+        with torch.device("meta"):
+            model = instantiate_from_config(model_config)
+        model = model.to_empty(device=opt.device).to(opt.device)
+        load_strict(model, load_state_dict(opt.ckpt), str(opt.ckpt))
+    if model.tokenizer is None:
+        raise ValueError(f"{opt.model or opt.config}: the model has no tokenizer (tokenizer files / params.tokenizer)")
+    return model.eval(), Blip2ImageProcessor(model.image_size, model.image_mean, model.image_std)
+
+
+@torch.no_grad()
+def encode_images(model: Blip2Qformer, processor: Blip2ImageProcessor, paths: list[Path],
+                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ViT features [N, 1+P, D] for ITM, normalised query features [N, Q, E] for ITC)."""
+    embeds, feats = [], []
+    for chunk in batches(paths, batch_size):
+        image = model.image_embeds(processor([load_rgb(p) for p in chunk]).to(model.device))  # (b, 1+P, D_img)
+        embeds.append(image)
+        feats.append(model.project_queries(model.qformer(model.queries(image.shape[0]), image)))  # (b, Q, E)
+    return torch.cat(embeds), torch.cat(feats)
+
+
+@torch.no_grad()
+def ranked(model: Blip2Qformer, itc: torch.Tensor, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+           top_k: int, itm_top_k: int, image_rows: bool) -> list[list[tuple[int, float, float | None]]]:
+    """Per row of ``itc`` [rows, cols]: the top entries as (column, ITC score, ITM probability or None),
+    the first ``itm_top_k`` re-ordered by ITM. ``image_rows``: rows are images (else texts)."""
+    out = []
+    for row, scores in enumerate(itc):
+        order = scores.argsort(descending=True)[:max(top_k, itm_top_k)].tolist()
+        head, tail = order[:itm_top_k], order[itm_top_k:]
+        probs = {}
+        if head:
+            img_idx, txt_idx = ([row] * len(head), head) if image_rows else (head, [row] * len(head))
+            logits = model.itm_logits_from_embeds(image[img_idx], ids[txt_idx], mask[txt_idx])  # (k, 2)
+            probs = dict(zip(head, logits.softmax(-1)[:, 1].tolist()))
+            head = sorted(head, key=lambda c: -probs[c])
+        out.append([(c, scores[c].item(), probs.get(c)) for c in (head + tail)[:top_k]])
+    return out
+
+
+def print_table(title: str, names: list[str], others: list[str], rows: list) -> None:
+    print(title)
+    for name, entries in zip(names, rows):
+        print(name)
+        for rank, (col, itc, itm) in enumerate(entries, 1):
+            print(f"  {rank:>3}  itc {itc:+.4f}  itm {'  -   ' if itm is None else f'{itm:.4f}'}  {others[col]}")
+
+
+def run(opt: argparse.Namespace) -> int:
+    texts, paths = read_texts(opt), collect_inputs(opt.images)
+    model, processor = load_model(opt)
+    model.max_txt_len = opt.max_txt_len or model.max_txt_len
+    image, image_feats = encode_images(model, processor, paths, opt.batch_size)
+    ids, mask = model.tokenize(texts)
+    itc = model.similarity(image_feats, model.text_features_from_ids(ids, mask))  # (N_img, N_txt)
+    names = [str(p) for p in paths]
+    print_table("image -> text", names, texts, ranked(model, itc, image, ids, mask, opt.top_k, opt.itm_top_k, True))
+    print_table("text -> image", texts, names, ranked(model, itc.T, image, ids, mask, opt.top_k, opt.itm_top_k, False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run; a bad input is one line on stderr and exit status 1."""
+    try:
+        return run(parse_args(argv))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"retrieve.py: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
