@@ -38,9 +38,17 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def apply(self, fn) -> None:
-        """Replace every buffer by ``fn(buffer)`` along the batch dimension (beam reorder / repeat)."""
-        self.keys = [fn(t) for t in self.keys]
-        self.values = [fn(t) for t in self.values]
+        """Apply ``fn`` along the batch dimension (beam reorder / repeat) to the filled positions only."""
+        self.keys = [self._mapped(t, fn) for t in self.keys]
+        self.values = [self._mapped(t, fn) for t in self.values]
+
+    def _mapped(self, buf: torch.Tensor | None, fn) -> torch.Tensor | None:
+        if buf is None:
+            return None
+        filled = fn(buf[:, :, :self.length])  # (N', h, length, d)
+        out = buf if filled.shape[0] == buf.shape[0] else buf.new_empty((filled.shape[0], *buf.shape[1:]))
+        out[:, :, :self.length] = filled
+        return out
 
 
 def attention_mask(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
