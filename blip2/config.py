@@ -21,13 +21,14 @@ QFORMER_DEFAULTS: dict[str, Any] = dict(
     vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
     intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, layer_norm_eps=1e-12,
     pad_token_id=0, cross_attention_frequency=2, use_qformer_text_input=False,
+    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
 )
 OPT_DEFAULTS: dict[str, Any] = dict(
     model_type="opt", vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
     num_attention_heads=12, max_position_embeddings=2048, do_layer_norm_before=True,
     _remove_final_layer_norm=False, word_embed_proj_dim=None, activation_function="relu",
     pad_token_id=1, bos_token_id=2, eos_token_id=2, enable_bias=True,
-    layer_norm_elementwise_affine=True, tie_word_embeddings=True,
+    layer_norm_elementwise_affine=True, tie_word_embeddings=True, dropout=0.1, attention_dropout=0.0,
 )
 ACTIVATIONS: dict[str, Callable] = {"gelu": F.gelu, "relu": F.relu}
 
@@ -96,7 +97,8 @@ def qformer_args(config: Mapping[str, Any]) -> dict[str, Any]:
         dim=q["hidden_size"], depth=q["num_hidden_layers"], heads=q["num_attention_heads"],
         ffn_dim=q["intermediate_size"], encoder_dim=q["encoder_hidden_size"], eps=q["layer_norm_eps"],
         act=q["hidden_act"], cross_attention_frequency=q["cross_attention_frequency"],
-        text_ffn=q["use_qformer_text_input"],
+        text_ffn=q["use_qformer_text_input"], hidden_dropout=q["hidden_dropout_prob"],
+        attention_dropout=q["attention_probs_dropout_prob"],
     )
 
 
@@ -107,7 +109,7 @@ def opt_args(config: Mapping[str, Any]) -> dict[str, Any]:
         vocab_size=t["vocab_size"], dim=t["hidden_size"], depth=t["num_hidden_layers"],
         heads=t["num_attention_heads"], ffn_dim=t["ffn_dim"], max_positions=t["max_position_embeddings"],
         act=t["activation_function"], bias=t["enable_bias"], norm_affine=t["layer_norm_elementwise_affine"],
-        pad_token_id=t["pad_token_id"],
+        pad_token_id=t["pad_token_id"], dropout=t["dropout"], attention_dropout=t["attention_dropout"],
     )
 
 

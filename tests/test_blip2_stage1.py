@@ -31,9 +31,10 @@ VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
 EPS = 0.1  # label smoothing
 
 
-def qformer_config(vocab_size: int) -> dict:
+def qformer_config(vocab_size: int, dropout: float = 0.1) -> dict:
     return dict(hidden_size=24, num_hidden_layers=3, num_attention_heads=4, intermediate_size=40,
-                max_position_embeddings=32, vocab_size=vocab_size, use_qformer_text_input=True)
+                max_position_embeddings=32, vocab_size=vocab_size, use_qformer_text_input=True,
+                hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
 
 
 @torch.no_grad()
@@ -56,11 +57,13 @@ def write_bert_vocab(folder: Path) -> Path:
     return folder
 
 
-def tiny_model(tokenizer: Path, seed: int = 0, randomize: bool = True, **kwargs) -> Blip2Qformer:
+def tiny_model(tokenizer: Path, seed: int = 0, randomize: bool = True, dropout: float = 0.1,
+               **kwargs) -> Blip2Qformer:
     """A tiny stage-1 model (vocabulary: the tiny BERT words + [DEC]); ``randomize``: every parameter
     random (parity tests), else the model's own initialisation (training tests)."""
     torch.manual_seed(seed)
-    model = Blip2Qformer(VISION, qformer_config(len(WORDS) + 6), num_query_tokens=QUERIES, embed_dim=EMBED,
+    model = Blip2Qformer(VISION, qformer_config(len(WORDS) + 6, dropout), num_query_tokens=QUERIES,
+                         embed_dim=EMBED,
                          max_txt_len=MAX_TXT, tokenizer=str(tokenizer), **kwargs)
     if randomize:
         randomize_all_(model, seed)
@@ -255,7 +258,7 @@ def test_gradients_reach_the_qformer_and_ln_vision_but_not_the_vit_blocks(world)
 
 
 def test_a_few_steps_reduce_the_losses(world):
-    model = tiny_model(world["vocab"], seed=1, randomize=False, learning_rate=5e-3).train()
+    model = tiny_model(world["vocab"], seed=1, randomize=False, dropout=0.0, learning_rate=5e-3).train()
     opt = model.configure_optimizers()
     history = []
     for _ in range(30):
@@ -452,7 +455,7 @@ def test_retrieve_script_with_config_and_checkpoint(world, tmp_path, capsys):
 
     from scripts.retrieve import main
 
-    model = tiny_model(world["vocab"], seed=4)
+    model = tiny_model(world["vocab"], seed=4).eval()
     torch.save({"state_dict": model.state_dict()}, tmp_path / "last.ckpt")
     OmegaConf.save({"model": {"target": "blip2.models.blip2_qformer.Blip2Qformer", "params": {
         "vision_config": VISION, "qformer_config": qformer_config(len(WORDS) + 6), "num_query_tokens": QUERIES,

@@ -3,7 +3,10 @@
 Pre-LN blocks with ReLU FFNs, learned absolute positions looked up at ``position + 2`` (fairseq's
 offset), positions counted over the attention mask so left padding is skipped, the output head tied
 to the token embedding. Module names follow transformers' ``OPTForCausalLM`` so Hub weights load
-by name. Decoding runs over ``KVCache`` (preallocated keys and values) through ``DecodingSession``.
+by name. In train mode ``dropout`` falls on each block's attention and FFN outputs before their
+residual adds, ``attention_dropout`` on the attention probabilities (none on the embeddings).
+BLIP-2 keeps OPT frozen in eval mode, so they act only when OPT is fine-tuned. Decoding runs over
+``KVCache`` (preallocated keys and values) through ``DecodingSession``.
 """
 from __future__ import annotations
 
@@ -64,11 +67,12 @@ def attention_mask(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
 
 
 class OPTAttention(nn.Module):
-    """Causal multi-head self-attention; queries are scaled by d^-1/2 before the product, as in OPT."""
+    """Causal multi-head self-attention; queries are scaled by d^-1/2 before the product, as in OPT;
+    ``dropout`` on the attention probabilities in train mode."""
 
-    def __init__(self, dim: int = 2560, heads: int = 32, bias: bool = True):
+    def __init__(self, dim: int = 2560, heads: int = 32, bias: bool = True, dropout: float = 0.0):
         super().__init__()
-        self.heads = heads
+        self.heads, self.dropout = heads, dropout
         self.scale = (dim // heads) ** -0.5
         self.k_proj = nn.Linear(dim, dim, bias=bias)
         self.v_proj = nn.Linear(dim, dim, bias=bias)
@@ -81,26 +85,28 @@ class OPTAttention(nn.Module):
         v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.heads)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, h, S, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, h, T, d)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1.0)  # (B, h, T, d)
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (B, T, D)
 
 
 class OPTDecoderLayer(nn.Module):
-    """Pre-LN block: x + attn(LN(x)), then x + fc2(act(fc1(LN(x))))."""
+    """Pre-LN block: x + drop(attn(LN(x))), then x + drop(fc2(act(fc1(LN(x)))))."""
 
     def __init__(self, dim: int = 2560, heads: int = 32, ffn_dim: int = 10240, act: str = "relu",
-                 bias: bool = True, norm_affine: bool = True):
+                 bias: bool = True, norm_affine: bool = True, dropout: float = 0.1, attention_dropout: float = 0.0):
         super().__init__()
         self.act = activation(act)
-        self.self_attn = OPTAttention(dim, heads, bias)
+        self.dropout = nn.Dropout(dropout)
+        self.self_attn = OPTAttention(dim, heads, bias, attention_dropout)
         self.self_attn_layer_norm = nn.LayerNorm(dim, elementwise_affine=norm_affine)
         self.fc1 = nn.Linear(dim, ffn_dim, bias=bias)
         self.fc2 = nn.Linear(ffn_dim, dim, bias=bias)
         self.final_layer_norm = nn.LayerNorm(dim, elementwise_affine=norm_affine)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer)  # (B, T, D)
-        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))  # (B, T, D)
+        x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer))  # (B, T, D)
+        return x + self.dropout(self.fc2(self.act(self.fc1(self.final_layer_norm(x)))))  # (B, T, D)
 
 
 class OPTDecoder(nn.Module):
@@ -108,13 +114,14 @@ class OPTDecoder(nn.Module):
 
     def __init__(self, vocab_size: int = 50272, dim: int = 2560, depth: int = 32, heads: int = 32,
                  ffn_dim: int = 10240, max_positions: int = 2048, act: str = "relu", bias: bool = True,
-                 norm_affine: bool = True, pad_token_id: int | None = 1):
+                 norm_affine: bool = True, pad_token_id: int | None = 1, dropout: float = 0.1,
+                 attention_dropout: float = 0.0):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab_size, dim, padding_idx=pad_token_id)
         self.embed_positions = nn.Embedding(max_positions + POSITION_OFFSET, dim)
         self.final_layer_norm = nn.LayerNorm(dim, elementwise_affine=norm_affine)
-        self.layers = nn.ModuleList(
-            [OPTDecoderLayer(dim, heads, ffn_dim, act, bias, norm_affine) for _ in range(depth)])
+        self.layers = nn.ModuleList([OPTDecoderLayer(dim, heads, ffn_dim, act, bias, norm_affine, dropout,
+                                                     attention_dropout) for _ in range(depth)])
         self.gradient_checkpointing = False  # training (no cache): recompute each layer in backward
 
     def forward(self, embeds: torch.Tensor, key_mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -137,10 +144,11 @@ class OPTForCausalLM(nn.Module):
 
     def __init__(self, vocab_size: int = 50272, dim: int = 2560, depth: int = 32, heads: int = 32,
                  ffn_dim: int = 10240, max_positions: int = 2048, act: str = "relu", bias: bool = True,
-                 norm_affine: bool = True, pad_token_id: int | None = 1):
+                 norm_affine: bool = True, pad_token_id: int | None = 1, dropout: float = 0.1,
+                 attention_dropout: float = 0.0):
         super().__init__()
         decoder = OPTDecoder(vocab_size, dim, depth, heads, ffn_dim, max_positions, act, bias, norm_affine,
-                             pad_token_id)
+                             pad_token_id, dropout, attention_dropout)
         self.model = nn.ModuleDict({"decoder": decoder})
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         self.tie_weights()
