@@ -128,7 +128,8 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         height, width = x.shape[-2:]
         h = self.proj_in(self.norm(x))  # [B, inner, H, W]
-        h = rearrange(h, "b c h w -> b (h w) c")  # [B, H*W, inner]
+        # dense tokens: otherwise the residual adds keep the permuted layout and every LayerNorm copies
+        h = rearrange(h, "b c h w -> b (h w) c").contiguous()  # [B, H*W, inner]
         for block in self.transformer_blocks:
             h = block(h, context)  # [B, H*W, inner]
         h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width)  # [B, inner, H, W]

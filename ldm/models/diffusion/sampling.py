@@ -56,8 +56,10 @@ def _batched_t(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
 
 
-def _scalar(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.to(device=x.device, dtype=x.dtype)
+def _coefficients_like(x: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: np.ndarray,
+                       eta: float) -> tuple[torch.Tensor, ...]:
+    """``ddim_coefficients`` moved once to x's device and dtype (no host-device copy per step)."""
+    return tuple(v.to(device=x.device, dtype=x.dtype) for v in ddim_coefficients(alphas_cumprod, timesteps, eta))
 
 
 def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: np.ndarray,
@@ -67,7 +69,7 @@ def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, ti
 
     Returns the final sample and intermediates {'x_inter': [...], 'pred_x0': [...]}.
     """
-    a, a_prev, sigma = ddim_coefficients(alphas_cumprod, timesteps, eta)
+    a, a_prev, sigma = _coefficients_like(x, alphas_cumprod, timesteps, eta)
     inter = {"x_inter": [x], "pred_x0": [x]}
     steps = len(timesteps)
     for i in tqdm(range(steps), desc="DDIM", disable=not progress):
@@ -76,8 +78,7 @@ def sample_ddim(eps_fn: EpsFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, ti
         noise = None
         if eta > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x, pred_x0 = ddim_step(x, eps, _scalar(a[index], x), _scalar(a_prev[index], x),
-                               _scalar(sigma[index], x), noise)
+        x, pred_x0 = ddim_step(x, eps, a[index], a_prev[index], sigma[index], noise)
         _record(inter, index, steps, log_every_t, x, pred_x0)
         if callback is not None:
             callback(i, x, pred_x0)
@@ -98,13 +99,13 @@ def sample_plms(eps_fn: EpsFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, ti
                 progress: bool = False) -> tuple[torch.Tensor, dict[str, list]]:
     """PLMS from x_T. The first step has no history and uses the pseudo improved Euler method:
     eps' = (eps(x_t, t) + eps(x_{t-1}^{Euler}, t_next)) / 2."""
-    a, a_prev, sigma = ddim_coefficients(alphas_cumprod, timesteps, 0.0)
+    a, a_prev, sigma = _coefficients_like(x, alphas_cumprod, timesteps, 0.0)
     inter = {"x_inter": [x], "pred_x0": [x]}
     steps = len(timesteps)
     old: list[torch.Tensor] = []
     for i in tqdm(range(steps), desc="PLMS", disable=not progress):
         index = steps - 1 - i
-        coeffs = (_scalar(a[index], x), _scalar(a_prev[index], x), _scalar(sigma[index], x))
+        coeffs = (a[index], a_prev[index], sigma[index])
         eps = eps_fn(x, _batched_t(timesteps[index], x))
         if old:
             eps_prime = adams_bashforth(eps, old)
