@@ -12,10 +12,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from PIL import Image
 
-from blip2.hub import TIED, check_keys, load_tokenizer
+from blip2.hub import assign_weights, load_tokenizer
 from blip2.models.blip2_opt import Blip2OPT
 from blip2.processors import PREPROCESSOR_FILE, Blip2ImageProcessor
-from ldm.checkpoint import CheckpointError, atomic_path, load_state_dict
+from ldm.checkpoint import atomic_path, load_state_dict
 from ldm.data.images import ImageLoadError, is_image_file, list_images, load_rgb
 from ldm.inference import load_config
 from ldm.util import instantiate_from_config
@@ -37,16 +37,8 @@ def build_blip2_opt(config: Mapping[str, Any], tokenizer: str | None = None) -> 
 def _load_weights(model: Blip2OPT, ckpt: str | os.PathLike, dtype: torch.dtype, device: str) -> Blip2OPT:
     """Strictly load ``ckpt`` (Blip2ForConditionalGeneration keys) into a meta-device model, each
     tensor cast to its part's precision (``dtype``; the Q-Former stays fp32) on ``device``."""
-    state, targets = load_state_dict(ckpt), model.set_precision(dtype).state_dict()
-    check_keys(str(ckpt), set(state), set(targets))
-    for key, tensor in state.items():
-        if tensor.shape != targets[key].shape:
-            expected = tuple(targets[key].shape)
-            raise CheckpointError(f"{ckpt}: {key} has shape {tuple(tensor.shape)}, expected {expected}")
-    state.setdefault(TIED[0], state.get(TIED[1]))
-    model.load_state_dict({k: v.to(device, targets[k].dtype) for k, v in state.items()}, strict=True, assign=True)
-    model.language_model.tie_weights()
-    return model.eval()
+    state = load_state_dict(ckpt)
+    return assign_weights(model.set_precision(dtype), str(ckpt), set(state), state.__getitem__, device).eval()
 
 
 def load_captioner(model_dir: str | None, config: str | None, ckpt: str | None, dtype: torch.dtype,
