@@ -34,7 +34,6 @@ def _allowed_globals() -> list:
         (_InertLightningCallback, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
         (_InertLightningCallback, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
         np.dtype,
-        (np.dtype, "numpy.dtype"),
     ]
     scalar = np._core.multiarray.scalar
     allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]

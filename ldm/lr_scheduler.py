@@ -21,7 +21,7 @@ class LambdaLinearScheduler:
         lists = {"warm_up_steps": warm_up_steps, "f_min": f_min, "f_max": f_max, "f_start": f_start,
                  "cycle_lengths": cycle_lengths}
         if len({len(v) for v in lists.values()}) != 1:
-            raise ValueError(f"LambdaLinearScheduler: expected lists of one length (one entry per cycle), got "
+            raise ValueError("LambdaLinearScheduler: expected lists of one length (one entry per cycle), got "
                              + ", ".join(f"{k}={list(v)}" for k, v in lists.items()))
         self.warm_up_steps = [int(v) for v in warm_up_steps]
         self.f_min, self.f_max = [float(v) for v in f_min], [float(v) for v in f_max]

@@ -31,7 +31,6 @@ class LitEma(nn.Module):
             if p.requires_grad:
                 self.names[name] = _flat(name)
                 self.register_buffer(self.names[name], p.detach().clone().float())
-        self.collected: list[torch.Tensor] = []
 
     def current_decay(self) -> float:
         decay = self.decay.item()

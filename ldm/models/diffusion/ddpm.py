@@ -34,7 +34,6 @@ class DiffusionWrapper(nn.Module):
         if conditioning_key not in (None, "crossattn"):
             raise ValueError(f"conditioning_key must be 'crossattn' or null, got {conditioning_key!r}")
         self.diffusion_model = instantiate_from_config(unet_config)
-        self.conditioning_key = conditioning_key
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.diffusion_model(x, t, context=context)
@@ -47,7 +46,11 @@ def _check_unsupported(**options: Any) -> None:
 
 
 class DDPM(pl.LightningModule):
-    """Denoising diffusion with an eps-predicting network (Ho et al. 2020)."""
+    """Denoising diffusion with an eps-predicting network (Ho et al. 2020).
+
+    ``log_every_t`` and ``clip_denoised`` are accepted so CompVis configs build unchanged; the
+    samplers take their own ``log_every_t``, and eps-prediction here never clips x_0.
+    """
 
     def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
                  loss_type: str = "l2", ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
@@ -66,7 +69,6 @@ class DDPM(pl.LightningModule):
                            load_only_unet=(load_only_unet, False))
         self.first_stage_key = first_stage_key
         self.image_size, self.channels = image_size, channels
-        self.log_every_t, self.clip_denoised = log_every_t, clip_denoised
         self.l_simple_weight, self.monitor = l_simple_weight, monitor
         self.scheduler_config = scheduler_config
         self.model = DiffusionWrapper(unet_config, conditioning_key)
