@@ -15,6 +15,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.checkpoint import CheckpointError, atomic_path
+from ldm.models.autoencoder import downsampling_factor
 from ldm.util import instantiate_from_config
 
 
@@ -40,9 +41,8 @@ def load_model(config: Any, ckpt: str | os.PathLike | None, device: torch.device
 
 
 def latent_factor(config: Any) -> int:
-    """Down-sampling factor of the first stage: 2 ** (len(ch_mult) - 1) (8 for sd-v1)."""
-    ch_mult = config.model.params.first_stage_config.params.ddconfig.ch_mult
-    return 2 ** (len(ch_mult) - 1)
+    """Down-sampling factor of the config's first stage (8 for sd-v1), known before building it."""
+    return downsampling_factor(config.model.params.first_stage_config.params.ddconfig)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

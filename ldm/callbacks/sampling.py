@@ -18,14 +18,9 @@ from ldm.inference import to_uint8
 from ldm.models.diffusion.ddim import DDIMSampler
 
 
-def latent_factor(model: Any) -> int:
-    """f = 2 ** (number of VAE encoder levels - 1): image size / latent size (8 for sd-v1)."""
-    return 2 ** (len(model.first_stage_model.encoder.down) - 1)
-
-
 def data_size(model: Any) -> int:
     """The image size the model was trained for: latent ``image_size`` times f (512 for sd-v1)."""
-    return model.image_size * latent_factor(model)
+    return model.image_size * model.first_stage_model.factor
 
 
 @contextlib.contextmanager
@@ -57,7 +52,7 @@ def sample_images(model: Any, prompts: Sequence[str], seeds: Sequence[int], size
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"sample_images: {len(prompts)} prompts but {len(seeds)} seeds")
-    factor = latent_factor(model)
+    factor = model.first_stage_model.factor
     if size % factor:
         raise ValueError(f"image size {size} must be a multiple of the VAE factor {factor}")
     if eta > 0 and len(prompts) > 1:

@@ -35,6 +35,7 @@ class AutoencoderKL(nn.Module):
         self.image_key = image_key
         self.monitor = monitor
         self.embed_dim = embed_dim
+        self.factor = downsampling_factor(ddconfig)  # image size / latent size
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
@@ -61,3 +62,8 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, embed_dim, H/f, W/f)
         return self.decode(z), posterior
+
+
+def downsampling_factor(ddconfig: Mapping[str, Any]) -> int:
+    """f = 2 ** (number of resolution levels - 1): image size / latent size (8 for sd-v1)."""
+    return 2 ** (len(ddconfig["ch_mult"]) - 1)
