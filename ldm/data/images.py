@@ -41,11 +41,18 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: image folder not found")
+    found = [p for p in visible_files(root, recursive) if is_image_file(p)]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def visible_files(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Every file under ``root`` whose name and folders do not start with ``.`` (unsorted);
+    symbolic links to folders are not followed."""
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")] if recursive else []
-        found += [Path(folder, f) for f in files if not f.startswith(".") and is_image_file(f)]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+        found += [Path(folder, f) for f in files if not f.startswith(".")]
+    return found
 
 
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:

@@ -20,7 +20,6 @@ item depends only on its index: a run resumed mid-epoch sees exactly the same it
 """
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ldm.data.images import is_image_file, list_images, load_rgb
+from ldm.data.images import is_image_file, list_images, load_rgb, visible_files
 
 INSTANCE_TEMPLATE = "a photo of {token} {class_word}"
 CLASS_TEMPLATE = "a photo of {class_word}"
@@ -72,12 +71,7 @@ def _listing(paths: Sequence[Path], root: Path) -> str:
 def _other_files(root: Path, expected: frozenset[Path]) -> list[Path]:
     """Visible files under ``root`` (hidden names skipped, as ``list_images`` does) that are
     neither images nor in ``expected``."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(folder, f) for f in files
-                  if not f.startswith(".") and not is_image_file(f) and Path(folder, f) not in expected]
-    return sorted(found)
+    return sorted(p for p in visible_files(root) if not is_image_file(p) and p not in expected)
 
 
 def read_sidecar(path: Path) -> str | None:
