@@ -1,0 +1,206 @@
+"""The toy world: coloured shapes on plain backgrounds, drawn procedurally and captioned.
+
+Every item is a pure function of (split, seed, index): a ``Scene`` (colour, shape, background,
+centre, size, rotation) drawn from its own generator and rendered anti-aliased (drawn at 4x and
+reduced). Splits draw from disjoint streams, so "val" and "test" images are held out from "train".
+
+Captions name the attributes, e.g. "a red circle on a white background"; training captions may
+leave attributes out ("a red circle", "a circle on a black background", "a circle"), so short
+prompts such as DreamBooth's "a circle" mean something to the toy text-to-image model.
+
+The DreamBooth subject of the toy world is ``SUBJECT``: one distinctive object (a purple circle
+with a yellow dot in its centre) that the training split never shows.
+
+    python -m ldm.data.shapes --out data/shapes_test --split test --num 200   # PNGs + captions.jsonl
+    python -m ldm.data.shapes --subject data/toy_subject --num 4              # the subject's photos
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 225), "yellow": (240, 205, 40),
+           "purple": (145, 55, 195)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (245, 245, 245), "black": (25, 25, 25)}
+SPLITS = ("train", "val", "test")
+SUPERSAMPLE = 4
+DOT = (240, 205, 40)  # the subject's distinctive mark
+# (template, probability) for training captions; every template keeps the shape (the class noun)
+CAPTION_TEMPLATES = (("a {colour} {shape} on a {background} background", 0.55), ("a {colour} {shape}", 0.15),
+                     ("a {shape} on a {background} background", 0.15), ("a {shape}", 0.15))
+FULL_TEMPLATE = CAPTION_TEMPLATES[0][0]
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    background: str
+    cx: float  # centre, as a fraction of the image side
+    cy: float
+    size: float  # half the shape's extent, as a fraction of the image side
+    angle: float  # rotation in degrees (squares and triangles)
+    dot: bool = False  # the subject's yellow dot
+
+    def caption(self, template: str = FULL_TEMPLATE) -> str:
+        return template.format(colour=self.colour, shape=self.shape, background=self.background)
+
+
+def random_scene(rng: np.random.Generator, colour: str | None = None, shape: str | None = None,
+                 background: str | None = None) -> Scene:
+    """A scene with uniform attributes (unless given) and a random placement that stays inside the image."""
+    colour = colour or str(rng.choice(list(COLOURS)))
+    shape = shape or str(rng.choice(SHAPES))
+    background = background or str(rng.choice(list(BACKGROUNDS)))
+    size = float(rng.uniform(0.22, 0.34))
+    cx, cy = rng.uniform(size + 0.04, 1 - size - 0.04, 2)
+    return Scene(colour, shape, background, float(cx), float(cy), size, float(rng.uniform(-20, 20)))
+
+
+def _polygon(scene: Scene, n: int, side: float) -> list[tuple[float, float]]:
+    """The n corners of a regular polygon of the scene's size, rotated by its angle, in pixels."""
+    start = -90.0 if n == 3 else 45.0
+    r = scene.size * side * (1.0 if n == 3 else math.sqrt(2) * 0.85)
+    cx, cy = scene.cx * side, scene.cy * side
+    return [(cx + r * math.cos(math.radians(start + scene.angle + k * 360 / n)),
+             cy + r * math.sin(math.radians(start + scene.angle + k * 360 / n))) for k in range(n)]
+
+
+def render(scene: Scene, size: int = 32) -> Image.Image:
+    """The scene as an RGB image of ``size`` x ``size`` (anti-aliased)."""
+    side = size * SUPERSAMPLE
+    image = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
+    draw, fill = ImageDraw.Draw(image), COLOURS[scene.colour]
+    cx, cy, r = scene.cx * side, scene.cy * side, scene.size * side
+    if scene.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon(_polygon(scene, 3 if scene.shape == "triangle" else 4, side), fill=fill)
+    if scene.dot:
+        d = 0.4 * r
+        draw.ellipse((cx - d, cy - d, cx + d, cy + d), fill=DOT)
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def split_rng(split: str, seed: int, index: int) -> np.random.Generator:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
+    return np.random.default_rng((seed, SPLITS.index(split), index))
+
+
+def scene_of(split: str, seed: int, index: int) -> Scene:
+    """Item ``index`` of a split: the same scene on every machine, for every worker."""
+    return random_scene(split_rng(split, seed, index))
+
+
+def training_caption(scene: Scene, rng: np.random.Generator, caption_dropout: float = 0.0) -> str:
+    """A caption with some attributes left out (``CAPTION_TEMPLATES``), or "" with ``caption_dropout``."""
+    if rng.random() < caption_dropout:
+        return ""
+    templates, weights = zip(*CAPTION_TEMPLATES)
+    return scene.caption(templates[rng.choice(len(templates), p=np.array(weights) / sum(weights))])
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) float32 in [-1, 1], the CompVis data-set convention."""
+    return (np.asarray(image, dtype=np.float32) / 127.5 - 1.0).astype(np.float32)
+
+
+class ShapesDataset(Dataset):
+    """``num`` items of a split as ``{"image": (size, size, 3) float32 in [-1, 1], "caption": str}``.
+
+    ``captions``: "full" (every attribute) or "varied" (``CAPTION_TEMPLATES``, drawn per item, with
+    ``caption_dropout`` giving "" for classifier-free guidance training). Items are rendered on demand.
+    """
+
+    def __init__(self, split: str = "train", num: int = 10000, size: int = 32, seed: int = 0,
+                 captions: str = "full", caption_dropout: float = 0.0):
+        if captions not in ("full", "varied"):
+            raise ValueError(f"captions={captions!r}: expected 'full' or 'varied'")
+        if num < 1 or size < 8:
+            raise ValueError(f"num={num}, size={size}: expected num >= 1 and size >= 8")
+        split_rng(split, seed, 0)  # checks the split's name
+        self.split, self.num, self.size, self.seed = split, num, size, seed
+        self.captions, self.caption_dropout = captions, caption_dropout
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.num:
+            raise IndexError(f"index {i} out of range for {self.num} items")
+        rng = split_rng(self.split, self.seed, i)
+        scene = random_scene(rng)
+        caption = scene.caption() if self.captions == "full" else training_caption(scene, rng, self.caption_dropout)
+        return {"image": to_array(render(scene, self.size)), "caption": caption}
+
+
+def parse_caption(text: str) -> dict[str, str | None]:
+    """The attributes a caption names: ``{"colour", "shape", "background"}`` (None where it names none;
+    the background is the colour word right before "background", the colour the one before the shape)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    found: dict[str, str | None] = {"colour": None, "shape": None, "background": None}
+    for k, word in enumerate(words):
+        if word in SHAPES and found["shape"] is None:
+            found["shape"] = word
+            if k > 0 and words[k - 1] in COLOURS:
+                found["colour"] = words[k - 1]
+        elif word == "background" and k > 0 and words[k - 1] in BACKGROUNDS:
+            found["background"] = words[k - 1]
+    return found
+
+
+# ---- the DreamBooth subject ------------------------------------------------------------------------
+SUBJECT = {"colour": "purple", "shape": "circle", "background": "white", "class_word": "circle"}
+
+
+def subject_scene(i: int, seed: int = 0) -> Scene:
+    """Photo ``i`` of the subject: the same purple, dotted circle, placed and sized differently."""
+    scene = random_scene(np.random.default_rng((seed, 99, i)), SUBJECT["colour"], SUBJECT["shape"],
+                         SUBJECT["background"])
+    return Scene(**{**scene.__dict__, "dot": True})
+
+
+def write_images(scenes: Sequence[Scene], out: Path, size: int) -> Path:
+    """PNG files ``00000.png ...`` and ``captions.jsonl`` (``{"image", "caption"}`` rows) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, scene in enumerate(scenes):
+        render(scene, size).save(out / f"{i:05d}.png")
+        rows.append({"image": f"{i:05d}.png", "caption": scene.caption()})
+    (out / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Write toy shapes images (a split, or the DreamBooth subject).")
+    p.add_argument("--out", help="folder for a split's PNGs and captions.jsonl")
+    p.add_argument("--subject", help="folder for the subject's photos (captions.jsonl not written)")
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--num", type=int, default=200)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    opt = p.parse_args(argv)
+    if (opt.out is None) == (opt.subject is None):
+        p.error("give exactly one of --out or --subject")
+    if opt.subject:
+        folder = write_images([subject_scene(i, opt.seed) for i in range(opt.num)], Path(opt.subject), opt.size)
+        (folder / "captions.jsonl").unlink()
+    else:
+        write_images([scene_of(opt.split, opt.seed, i) for i in range(opt.num)], Path(opt.out), opt.size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
