@@ -201,3 +201,23 @@ def test_trainable_text_encoder_is_optimised():
     ids = {id(p) for g in opt.param_groups for p in g["params"]}
     assert {id(p) for p in model.cond_stage_model.parameters()} <= ids
     assert not ({id(p) for p in model.first_stage_model.parameters()} & ids)
+
+
+def test_scale_by_std_is_measured_once_and_kept_from_a_checkpoint(tmp_path):
+    """LDM paper sec. 4.3: scale_factor = 1 / std(z) of the first batch; a model loaded from a checkpoint
+    keeps the stored value (a fine-tuning run must not re-measure it on its own few images)."""
+    from safetensors.torch import save_file
+
+    model = tiny_model(seed=3, **{"model.params.scale_by_std": True}).train()
+    images = torch.rand(4, 32, 32, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.manual_seed(0)
+    z = model.first_stage_model.encode(images.permute(0, 3, 1, 2)).sample()
+    torch.manual_seed(0)
+    model.on_train_batch_start({"image": images}, 0)
+    assert torch.allclose(model.scale_factor, 1 / z.flatten().std(), rtol=1e-5)
+    assert model.scale_factor.item() != 1.0 and "scale_factor" in model.state_dict()
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = tiny_model(seed=4, **{"model.params.scale_by_std": True, "model.params.ckpt_path": str(path)}).train()
+    loaded.on_train_batch_start({"image": images * 0.1}, 0)
+    assert loaded.scale_factor.item() == model.scale_factor.item()

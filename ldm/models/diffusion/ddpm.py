@@ -190,6 +190,7 @@ class LatentDiffusion(DDPM):
             self.cond_stage_model.requires_grad_(True)
         else:
             freeze(self.cond_stage_model)
+        self.restarted_from_ckpt = bool(ckpt_path)  # then scale_factor comes from the checkpoint
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
 
@@ -225,8 +226,10 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def on_train_batch_start(self, batch: Mapping, batch_idx: int) -> None:
-        """With ``scale_by_std``, set scale_factor = 1 / std(z) from the first batch (LDM paper, sec. 4.3)."""
-        if self.scale_by_std and self.global_step == 0 and batch_idx == 0 and self.current_epoch == 0:
+        """With ``scale_by_std``, set scale_factor = 1 / std(z) from the first batch (LDM paper, sec. 4.3),
+        unless the weights (and so the scale factor) came from ``ckpt_path``, as CompVis."""
+        if (self.scale_by_std and self.global_step == 0 and batch_idx == 0 and self.current_epoch == 0
+                and not self.restarted_from_ckpt):
             x = self.get_input(batch, self.first_stage_key).to(self.device)
             z = self.get_first_stage_encoding(self.encode_first_stage(x)) / self.scale_factor
             self.scale_factor.fill_(1.0 / z.flatten().std().item())

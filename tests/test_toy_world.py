@@ -1,0 +1,84 @@
+"""The toy world's data (ldm/data/shapes.py) and its KL-autoencoder training system."""
+import numpy as np
+import pytest
+import torch
+
+from ldm.data.shapes import (BACKGROUNDS, CAPTION_TEMPLATES, COLOURS, SHAPES, SUBJECT, ShapesDataset, main as shapes_main,
+                             parse_caption, render, scene_of, subject_scene)
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.autoencoder_training import AutoencoderKLTraining
+
+DDCONFIG = dict(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+
+
+def test_items_are_a_function_of_split_seed_and_index():
+    a, b = ShapesDataset("train", 50, seed=0), ShapesDataset("train", 50, seed=0)
+    assert all(np.array_equal(a[i]["image"], b[i]["image"]) and a[i]["caption"] == b[i]["caption"] for i in (0, 7, 49))
+    assert a[3]["image"].shape == (32, 32, 3) and a[3]["image"].dtype == np.float32
+    assert -1.0 <= a[3]["image"].min() and a[3]["image"].max() <= 1.0
+    train = {ShapesDataset("train", 200)[i]["image"].tobytes() for i in range(200)}
+    test = {ShapesDataset("test", 200)[i]["image"].tobytes() for i in range(200)}
+    assert not train & test  # held out
+    assert ShapesDataset("train", 5, seed=1)[0]["caption"] != ShapesDataset("train", 5, seed=0)[0]["caption"] or \
+        not np.array_equal(ShapesDataset("train", 5, seed=1)[0]["image"], ShapesDataset("train", 5, seed=0)[0]["image"])
+    with pytest.raises(ValueError, match="split='dev'"):
+        ShapesDataset("dev")
+    with pytest.raises(IndexError):
+        a[50]
+
+
+def test_attributes_are_uniform_and_drawn_as_captioned():
+    scenes = [scene_of("train", 0, i) for i in range(3000)]
+    for name, values in (("colour", COLOURS), ("shape", SHAPES), ("background", BACKGROUNDS)):
+        counts = np.array([sum(getattr(s, name) == v for s in scenes) for v in values])
+        assert counts.min() > 0.8 * len(scenes) / len(values), (name, counts)
+    for s in scenes[:40]:
+        pixels = np.asarray(render(s, 32)).reshape(-1, 3).astype(int)
+        centre = np.asarray(render(s, 32))[int(s.cy * 32), int(s.cx * 32)].astype(int)
+        assert np.abs(centre - COLOURS[s.colour]).max() <= 12  # the shape's colour at its centre
+        assert (np.abs(pixels - BACKGROUNDS[s.background]).max(1) <= 3).mean() > 0.4  # mostly background
+        assert parse_caption(s.caption()) == {"colour": s.colour, "shape": s.shape, "background": s.background}
+
+
+def test_varied_captions_keep_the_shape_and_drop_out():
+    ds = ShapesDataset("train", 2000, captions="varied", caption_dropout=0.1)
+    caps = [ds[i]["caption"] for i in range(2000)]
+    empty = sum(c == "" for c in caps) / len(caps)
+    assert 0.07 < empty < 0.13
+    assert all(parse_caption(c)["shape"] for c in caps if c)
+    assert {"a circle", "a red square", "a triangle on a black background"} <= set(caps)
+    assert abs(sum(p for _, p in CAPTION_TEMPLATES) - 1.0) < 1e-9
+
+
+def test_subject_is_distinct_and_written_by_the_cli(tmp_path):
+    photo = np.asarray(render(subject_scene(0), 32)).astype(int)
+    s = subject_scene(0)
+    assert (s.colour, s.shape, s.background) == (SUBJECT["colour"], SUBJECT["shape"], SUBJECT["background"])
+    assert np.abs(photo[int(s.cy * 32), int(s.cx * 32)] - (240, 205, 40)).max() <= 20  # the yellow dot
+    assert not any(scene_of("train", 0, i).dot for i in range(500))
+    assert shapes_main(["--subject", str(tmp_path / "subject"), "--num", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "subject").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    assert shapes_main(["--out", str(tmp_path / "test"), "--split", "test", "--num", "2"]) == 0
+    assert (tmp_path / "test" / "captions.jsonl").read_text().count("\n") == 2
+
+
+def test_autoencoder_training_loss_and_keys(tmp_path):
+    torch.manual_seed(0)
+    module = AutoencoderKLTraining(DDCONFIG, embed_dim=4, kl_weight=1e-3)
+    assert set(module.state_dict()) == set(AutoencoderKL(DDCONFIG, embed_dim=4).state_dict())
+    batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1}
+    torch.manual_seed(1)
+    loss, logs = module.losses(module.get_input(batch), "train")
+    torch.manual_seed(1)
+    x = batch["image"].permute(0, 3, 1, 2)
+    posterior = module.encode(x)
+    x_hat = module.decode(posterior.sample())
+    kl = 0.5 * (posterior.mean ** 2 + posterior.var - 1 - posterior.logvar).sum((1, 2, 3))
+    expected = (x - x_hat).abs().sum((1, 2, 3)).mean() + 1e-3 * kl.mean()
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert torch.allclose(logs["train/l1_per_pixel"], (x - x_hat).abs().mean(), rtol=1e-5)
+    path = tmp_path / "vae.ckpt"
+    torch.save({"state_dict": module.state_dict(), "global_step": 3}, path)
+    loaded = AutoencoderKL(DDCONFIG, embed_dim=4, ckpt_path=str(path))  # a run's last.ckpt is a first stage
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in loaded.state_dict().items())
