@@ -82,3 +82,18 @@ def test_autoencoder_training_loss_and_keys(tmp_path):
     torch.save({"state_dict": module.state_dict(), "global_step": 3}, path)
     loaded = AutoencoderKL(DDCONFIG, embed_dim=4, ckpt_path=str(path))  # a run's last.ckpt is a first stage
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_open_palette_items_widen_the_autoencoder_world():
+    from ldm.data.shapes import open_palette_scene
+    plain, mixed = ShapesDataset("train", 400), ShapesDataset("train", 400, open_palette=0.5)
+    named = {tuple(c) for c in list(COLOURS.values()) + list(BACKGROUNDS.values())}
+
+    def named_corners(ds, i):  # the background colour at a corner is a named one
+        corner = tuple(int(round(v)) for v in (ds[i]["image"][0, 0] + 1) * 127.5)
+        return any(max(abs(a - b) for a, b in zip(corner, c)) <= 2 for c in named)
+    assert all(named_corners(plain, i) for i in range(100))
+    share = 1 - sum(named_corners(mixed, i) for i in range(400)) / 400
+    assert 0.4 < share < 0.6
+    scenes = [open_palette_scene(np.random.default_rng(i)) for i in range(200)]
+    assert 0.35 < np.mean([s.dot for s in scenes]) < 0.65 and all(s.palette for s in scenes)

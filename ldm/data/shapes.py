@@ -52,6 +52,8 @@ class Scene:
     size: float  # half the shape's extent, as a fraction of the image side
     angle: float  # rotation in degrees (squares and triangles)
     dot: bool = False  # the subject's yellow dot
+    palette: tuple | None = None  # (shape, background, dot) RGB in place of the named colours
+
 
     def caption(self, template: str = FULL_TEMPLATE) -> str:
         return template.format(colour=self.colour, shape=self.shape, background=self.background)
@@ -80,8 +82,9 @@ def _polygon(scene: Scene, n: int, side: float) -> list[tuple[float, float]]:
 def render(scene: Scene, size: int = 32) -> Image.Image:
     """The scene as an RGB image of ``size`` x ``size`` (anti-aliased)."""
     side = size * SUPERSAMPLE
-    image = Image.new("RGB", (side, side), BACKGROUNDS[scene.background])
-    draw, fill = ImageDraw.Draw(image), COLOURS[scene.colour]
+    fill, background, dot = scene.palette or (COLOURS[scene.colour], BACKGROUNDS[scene.background], DOT)
+    image = Image.new("RGB", (side, side), background)
+    draw = ImageDraw.Draw(image)
     cx, cy, r = scene.cx * side, scene.cy * side, scene.size * side
     if scene.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -89,7 +92,7 @@ def render(scene: Scene, size: int = 32) -> Image.Image:
         draw.polygon(_polygon(scene, 3 if scene.shape == "triangle" else 4, side), fill=fill)
     if scene.dot:
         d = 0.4 * r
-        draw.ellipse((cx - d, cy - d, cx + d, cy + d), fill=DOT)
+        draw.ellipse((cx - d, cy - d, cx + d, cy + d), fill=dot)
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
@@ -102,6 +105,14 @@ def split_rng(split: str, seed: int, index: int) -> np.random.Generator:
 def scene_of(split: str, seed: int, index: int) -> Scene:
     """Item ``index`` of a split: the same scene on every machine, for every worker."""
     return random_scene(split_rng(split, seed, index))
+
+
+def open_palette_scene(rng: np.random.Generator) -> Scene:
+    """A scene in any colours, with a dot half of the time: the wider image world the autoencoder
+    learns (its captions are meaningless), as SD's VAE learned from more than SD's captioned images."""
+    scene = random_scene(rng)
+    palette = tuple(tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(3))
+    return Scene(**{**scene.__dict__, "dot": bool(rng.random() < 0.5), "palette": palette})
 
 
 def training_caption(scene: Scene, rng: np.random.Generator, caption_dropout: float = 0.0) -> str:
@@ -121,18 +132,19 @@ class ShapesDataset(Dataset):
     """``num`` items of a split as ``{"image": (size, size, 3) float32 in [-1, 1], "caption": str}``.
 
     ``captions``: "full" (every attribute) or "varied" (``CAPTION_TEMPLATES``, drawn per item, with
-    ``caption_dropout`` giving "" for classifier-free guidance training). Items are rendered on demand.
+    ``caption_dropout`` giving "" for classifier-free guidance training). ``open_palette``: the share
+    of items drawn by ``open_palette_scene`` instead (for the autoencoder). Items are rendered on demand.
     """
 
     def __init__(self, split: str = "train", num: int = 10000, size: int = 32, seed: int = 0,
-                 captions: str = "full", caption_dropout: float = 0.0):
+                 captions: str = "full", caption_dropout: float = 0.0, open_palette: float = 0.0):
         if captions not in ("full", "varied"):
             raise ValueError(f"captions={captions!r}: expected 'full' or 'varied'")
         if num < 1 or size < 8:
             raise ValueError(f"num={num}, size={size}: expected num >= 1 and size >= 8")
         split_rng(split, seed, 0)  # checks the split's name
         self.split, self.num, self.size, self.seed = split, num, size, seed
-        self.captions, self.caption_dropout = captions, caption_dropout
+        self.captions, self.caption_dropout, self.open_palette = captions, caption_dropout, open_palette
 
     def __len__(self) -> int:
         return self.num
@@ -141,7 +153,7 @@ class ShapesDataset(Dataset):
         if not 0 <= i < self.num:
             raise IndexError(f"index {i} out of range for {self.num} items")
         rng = split_rng(self.split, self.seed, i)
-        scene = random_scene(rng)
+        scene = open_palette_scene(rng) if self.open_palette and rng.random() < self.open_palette else random_scene(rng)
         caption = scene.caption() if self.captions == "full" else training_caption(scene, rng, self.caption_dropout)
         return {"image": to_array(render(scene, self.size)), "caption": caption}
 
