@@ -264,7 +264,9 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
     if opt.train:
         trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
     if not opt.no_test and OmegaConf.select(config, "data.params.validation") and not trainer.interrupted:
-        trainer.validate(model, datamodule=data)
+        # without -t, -r validates the resumed weights (with -t, fit has loaded them already)
+        trainer.validate(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt and not opt.train else None,
+                         weights_only=True)
     return 0
 
 

@@ -97,3 +97,29 @@ def test_open_palette_items_widen_the_autoencoder_world():
     assert 0.4 < share < 0.6
     scenes = [open_palette_scene(np.random.default_rng(i)) for i in range(200)]
     assert 0.35 < np.mean([s.dot for s in scenes]) < 0.65 and all(s.palette for s in scenes)
+
+
+def _scalars(logdir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    values = []
+    for events in sorted((logdir / "tensorboard").glob("events.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        values += [e.value for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+    return values
+
+
+def test_vae_config_trains_through_main_and_resume_without_t_validates_the_saved_weights(tmp_path):
+    import main as trainer
+    small = ["data.params.batch_size=4", "data.params.validation.params.num=4", "lightning.trainer.max_steps=3",
+             "lightning.trainer.val_check_interval=3", "lightning.trainer.log_every_n_steps=1",
+             "model.params.ddconfig.ch_mult=[1,2]"]
+    argv = ["--base", "configs/toy/vae.yaml", "-t", "-n", "vae", "--logdir", str(tmp_path)] + small
+    assert trainer.main(argv) == 0
+    logdir = next(tmp_path.glob("*_vae"))
+    trained = _scalars(logdir, "val/l1_per_pixel")
+    assert trained and len(_scalars(logdir, "train/loss")) == 3
+    assert AutoencoderKL({**DDCONFIG}, 4, ckpt_path=str(logdir / "checkpoints" / "last.ckpt"))  # a first stage
+    assert trainer.main(["-r", str(logdir)]) == 0  # no -t: validate the resumed weights
+    again = _scalars(logdir, "val/l1_per_pixel")
+    assert len(again) == len(trained) + 1 and abs(again[-1] - trained[-1]) < 1e-6
