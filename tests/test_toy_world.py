@@ -123,3 +123,14 @@ def test_vae_config_trains_through_main_and_resume_without_t_validates_the_saved
     assert trainer.main(["-r", str(logdir)]) == 0  # no -t: validate the resumed weights
     again = _scalars(logdir, "val/l1_per_pixel")
     assert len(again) == len(trained) + 1 and abs(again[-1] - trained[-1]) < 1e-6
+
+
+def test_toy_dreambooth_fine_tunes_the_toy_base_model_as_it_was_built():
+    from omegaconf import OmegaConf
+    base = OmegaConf.to_container(OmegaConf.load("configs/toy/sd.yaml").model.params)
+    dreambooth = OmegaConf.to_container(OmegaConf.load("configs/toy/dreambooth.yaml").model.params)
+    base["first_stage_config"]["params"].pop("ckpt_path")
+    only_base = {"cond_stage_trainable"}
+    only_dreambooth = {"prior_loss_weight", "train_text_encoder", "text_encoder_lr", "cache_latents", "ckpt_path"}
+    assert {k: v for k, v in base.items() if k not in only_base} == \
+        {k: v for k, v in dreambooth.items() if k not in only_dreambooth}
