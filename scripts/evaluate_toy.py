@@ -4,8 +4,9 @@
 2. base model: prompt following, "a <colour> <shape> on a <background> background" for all 30
    attribute combinations, judged by that captioner;
 3. DreamBooth subject fidelity: "a sks circle" samples of the base model and of DreamBooth (with and
-   without prior preservation): how often the captioner reads the subject's attributes, and the image
-   similarity to the subject photos (cosine of the captioner's image embeddings, the toy CLIP-I);
+   without prior preservation): how often the captioner reads the subject's colour and background,
+   and the image similarity to the subject photos (cosine of the captioner's image embeddings, the
+   toy CLIP-I);
 4. prior preservation ablation (DreamBooth paper, Sec. 4.3): "a circle" samples, class-correct
    (the captioner reads a circle), colour diversity (distinct colours, normalised colour entropy) and
    drift towards the subject (share of samples in the subject's colour, similarity to the subject).
@@ -61,6 +62,12 @@ def judged(captioner: Any, images: Sequence[Image.Image]) -> list[dict[str, str 
     return [parse_caption(c) for c in caption_images(captioner, images)]
 
 
+def reads_as_subject(read: dict[str, str | None]) -> bool:
+    """The subject's colour on its background. Its shape is not asked: the captioner never saw the
+    subject's dot and reads the subject's own photos as a square or a triangle as often as a circle."""
+    return read["colour"] == SUBJECT["colour"] and read["background"] == SUBJECT["background"]
+
+
 def mean_similarity(captioner: Any, images: Sequence[Image.Image], references: Sequence[Image.Image]) -> float:
     """Mean cosine similarity over all (image, reference) pairs of the captioner's image embeddings."""
     a, b = embed_images(captioner, images), embed_images(captioner, references)
@@ -94,7 +101,7 @@ def subject_and_class(model: Any, captioner: Any, photos: Sequence[Image.Image],
     subject_images = sample(model, [f"a {token} {word}"] * num, seed, steps, scale)
     class_images = sample(model, [f"a {word}"] * num, seed, steps, scale)
     subject_read, class_read = judged(captioner, subject_images), judged(captioner, class_images)
-    is_subject = [all(r[a] == SUBJECT[a] for a in ATTRIBUTES) for r in subject_read]
+    is_subject = [reads_as_subject(r) for r in subject_read]
     colours = [r["colour"] for r in class_read]
     return {
         "subject_match": sum(is_subject) / num,
@@ -137,7 +144,7 @@ def table(results: dict) -> str:
             f"| 2. base model: colour / shape / background as asked | {base['colour']:.3f} / {base['shape']:.3f} / "
             f"{base['background']:.3f} |", ""]
     models = results["models"]
-    rows += ["| model | 3. \"a sks circle\": read as the subject | 3. similarity to subject | "
+    rows += ["| model | 3. \"a sks circle\": read in the subject's colour and background | 3. similarity to subject | "
              "4. \"a circle\": class-correct | 4. colours (of 5) | 4. colour entropy | "
              "4. in the subject's colour | 4. similarity to subject |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -145,7 +152,8 @@ def table(results: dict) -> str:
         rows.append(f"| {name} | {m['subject_match']:.3f} | {m['subject_similarity']:.3f} | {m['class_correct']:.3f} "
                     f"| {m['class_colours']} | {m['class_colour_entropy']:.3f} | {m['class_subject_colour']:.3f} "
                     f"| {m['class_similarity']:.3f} |")
-    rows.append(f"| subject photos themselves | | {results['photo_self_similarity']:.3f} | | | | | |")
+    rows.append(f"| the subject photos themselves | {results['photo_subject_match']:.3f} | "
+                f"{results['photo_self_similarity']:.3f} | | | | | |")
     return "\n".join(rows) + "\n"
 
 
@@ -168,6 +176,7 @@ def evaluate(opt: argparse.Namespace) -> dict:
     results["models"] = {name: subject_and_class(load_sd(ckpt), captioner, photos, opt.num, opt.seed, opt.steps,
                                                  opt.scale) for name, ckpt in runs.items()}
     results["photo_self_similarity"] = mean_similarity(captioner, photos, photos)
+    results["photo_subject_match"] = sum(map(reads_as_subject, judged(captioner, photos))) / len(photos)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(table(results))
     return results
