@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 RUNS=logs/toy_pretrain
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # the measured times are for one thread
 latest() { ls -d "$RUNS"/*_"$1" | tail -n 1; }
 
 "$PY" -m ldm.data.shapes --subject data/toy_subject --num 4
