@@ -34,7 +34,14 @@ from blip2.data.captions import MODES
 from blip2.models.blip2_opt import Blip2OPT
 from blip2.processors import CLIP_MEAN, CLIP_STD, Blip2ImageProcessor
 from blip2.train import Blip2OPTFinetune
-from ldm.data.shapes import BACKGROUNDS, COLOURS, SHAPES, parse_caption, render, scene_of
+from ldm.data.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    parse_caption,
+    render,
+    scene_of,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_CAPTIONER = ROOT / "models" / "toy" / "blip2"

@@ -23,8 +23,9 @@ import json
 import math
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -32,10 +33,18 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from blip2.toy import caption_accuracy, caption_images, embed_images, load_captioner  # noqa: E402
-from ldm.callbacks.sampling import sample_images, sampling_mode  # noqa: E402
-from ldm.data.shapes import BACKGROUNDS, COLOURS, SHAPES, SUBJECT, parse_caption, subject_scene, write_images  # noqa: E402
-from ldm.inference import load_config, load_model  # noqa: E402
+from blip2.toy import caption_accuracy, caption_images, embed_images, load_captioner
+from ldm.callbacks.sampling import sample_images, sampling_mode
+from ldm.data.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    SUBJECT,
+    parse_caption,
+    subject_scene,
+    write_images,
+)
+from ldm.inference import load_config, load_model
 
 SD_CONFIG = ROOT / "configs/toy/sd.yaml"
 DREAMBOOTH_CONFIG = ROOT / "configs/toy/dreambooth.yaml"
@@ -121,15 +130,17 @@ def dreambooth(base: Path, photos: Path, workdir: Path, prior: bool, steps: int 
     """Run main.py with the toy DreamBooth config; returns the exported weights."""
     import main as trainer
 
-    name = "prior" if prior else "no_prior"
+    name = "with_prior" if prior else "without_prior"
     argv = ["--base", str(DREAMBOOTH_CONFIG), "-t", "--actual_resume", str(base), "--data_root", str(photos),
             "--class_word", SUBJECT["class_word"], "-n", name, "--logdir", str(workdir / "logs")]
     if prior:
         argv += ["--reg_data_root", str(workdir / "class_images")]
     argv += [f"lightning.trainer.max_steps={steps}"] if steps else []
+    before = set((workdir / "logs").glob("*"))
     if trainer.main(argv + list(extra)) != 0:
         raise RuntimeError(f"DreamBooth run '{name}' failed")
-    return sorted((workdir / "logs").glob(f"*_{name}"))[-1] / "export" / "model.safetensors"
+    (run,) = set((workdir / "logs").glob("*")) - before
+    return run / "export" / "model.safetensors"
 
 
 # ---- report -----------------------------------------------------------------------------------------

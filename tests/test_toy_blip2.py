@@ -12,8 +12,18 @@ from blip2.data.captions import collate
 from blip2.lm_loss import CAPTION_END
 from blip2.models.blip2_opt import newline_token_id
 from blip2.processors import Blip2ImageProcessor
-from blip2.toy import (ATTRIBUTES, TOY_CAPTIONER, TOY_GENERATION, TOY_PROMPT, ToyCaptions, caption_accuracy,
-                       caption_images, embed_images, load_captioner, train_tokenizer)
+from blip2.toy import (
+    ATTRIBUTES,
+    TOY_CAPTIONER,
+    TOY_GENERATION,
+    TOY_PROMPT,
+    ToyCaptions,
+    caption_accuracy,
+    caption_images,
+    embed_images,
+    load_captioner,
+    train_tokenizer,
+)
 from ldm.data.shapes import parse_caption, render, scene_of
 from tests._util import rel_err
 from tests.blip2_fixtures import load_reference, one_torch_thread

@@ -3,8 +3,19 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.data.shapes import (BACKGROUNDS, CAPTION_TEMPLATES, COLOURS, SHAPES, SUBJECT, ShapesDataset, main as shapes_main,
-                             parse_caption, render, scene_of, subject_scene)
+from ldm.data.shapes import (
+    BACKGROUNDS,
+    CAPTION_TEMPLATES,
+    COLOURS,
+    SHAPES,
+    SUBJECT,
+    ShapesDataset,
+    parse_caption,
+    render,
+    scene_of,
+    subject_scene,
+)
+from ldm.data.shapes import main as shapes_main
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.autoencoder_training import AutoencoderKLTraining
 

@@ -10,7 +10,8 @@ terms, which sharp photographs need and the toy world's flat shapes do not).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
