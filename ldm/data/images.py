@@ -106,3 +106,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         return to_rgb(image)
     except ValueError as err:
         raise ImageLoadError(f"{path}: {err}") from None
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    """8-bit RGB -> (H, W, 3) float32 in [-1, 1], the CompVis data-set convention."""
+    return np.asarray(image, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)

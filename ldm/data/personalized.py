@@ -28,7 +28,13 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ldm.data.images import is_image_file, list_images, load_rgb, visible_files
+from ldm.data.images import (
+    is_image_file,
+    list_images,
+    load_rgb,
+    to_array,
+    visible_files,
+)
 
 INSTANCE_TEMPLATE = "a photo of {token} {class_word}"
 CLASS_TEMPLATE = "a photo of {class_word}"
@@ -54,11 +60,6 @@ def square_box(width: int, height: int, crop: str, rng: np.random.Generator) -> 
     else:
         left, top = int(rng.integers(width - side + 1)), int(rng.integers(height - side + 1))
     return left, top, left + side, top + side
-
-
-def to_array(image: Image.Image) -> np.ndarray:
-    """8-bit RGB -> (H, W, 3) float32 in [-1, 1]."""
-    return np.asarray(image, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def _listing(paths: Sequence[Path], root: Path) -> str:

@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ldm.data.images import to_array
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 225), "yellow": (240, 205, 40),
            "purple": (145, 55, 195)}
 SHAPES = ("circle", "square", "triangle")
@@ -121,11 +123,6 @@ def training_caption(scene: Scene, rng: np.random.Generator, caption_dropout: fl
         return ""
     templates, weights = zip(*CAPTION_TEMPLATES)
     return scene.caption(templates[rng.choice(len(templates), p=np.array(weights) / sum(weights))])
-
-
-def to_array(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) float32 in [-1, 1], the CompVis data-set convention."""
-    return (np.asarray(image, dtype=np.float32) / 127.5 - 1.0).astype(np.float32)
 
 
 class ShapesDataset(Dataset):
