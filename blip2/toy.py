@@ -35,9 +35,11 @@ from blip2.models.blip2_opt import Blip2OPT
 from blip2.processors import CLIP_MEAN, CLIP_STD, Blip2ImageProcessor
 from blip2.train import Blip2OPTFinetune
 from ldm.data.shapes import (
+    ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,
     SHAPES,
+    attribute_scores,
     parse_caption,
     render,
     scene_of,
@@ -49,7 +51,6 @@ SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0, 1, 2, 3
 IMAGE_TOKEN = "<image>"
 TOY_PROMPT = ""  # the training prompt (configs/toy/blip2.yaml); none: the caption follows bos
 TOY_GENERATION = {"num_beams": 1, "max_new_tokens": 12, "min_new_tokens": 0}  # greedy
-ATTRIBUTES = ("colour", "shape", "background")
 
 
 # ---- the tokenizer -------------------------------------------------------------------------------
@@ -187,9 +188,8 @@ def caption_accuracy(model: Blip2OPT, split: str = "test", num: int = 200, seed:
     shape and background all right, as read by ``parse_caption``) and each attribute's own rate."""
     scenes = [scene_of(split, seed, i) for i in range(num)]
     found = [parse_caption(c) for c in caption_images(model, [render(s, model.image_size) for s in scenes])]
-    right = [{a: f[a] == getattr(s, a) for a in ATTRIBUTES} for s, f in zip(scenes, found)]
-    scores = {a: sum(r[a] for r in right) / num for a in ATTRIBUTES}
-    return {"exact": sum(all(r.values()) for r in right) / num, **scores, "num": num}
+    wanted = [{a: getattr(s, a) for a in ATTRIBUTES} for s in scenes]
+    return {**attribute_scores(found, wanted), "num": num}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

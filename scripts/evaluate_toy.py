@@ -36,10 +36,12 @@ sys.path.insert(0, str(ROOT))
 from blip2.toy import caption_accuracy, caption_images, embed_images, load_captioner
 from ldm.callbacks.sampling import sample_images, sampling_mode
 from ldm.data.shapes import (
+    ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,
     SHAPES,
     SUBJECT,
+    attribute_scores,
     parse_caption,
     subject_scene,
     write_images,
@@ -48,7 +50,6 @@ from ldm.inference import load_config, load_model
 
 SD_CONFIG = ROOT / "configs/toy/sd.yaml"
 DREAMBOOTH_CONFIG = ROOT / "configs/toy/dreambooth.yaml"
-ATTRIBUTES = ("colour", "shape", "background")
 
 
 # ---- sampling and judging ---------------------------------------------------------------------------
@@ -98,9 +99,7 @@ def prompt_following(model: Any, captioner: Any, per_prompt: int, seed: int, ste
     wanted = [dict(zip(ATTRIBUTES, combo)) for combo in combos for _ in range(per_prompt)]
     prompts = [f"a {w['colour']} {w['shape']} on a {w['background']} background" for w in wanted]
     read = judged(captioner, sample(model, prompts, seed, steps, scale))
-    result = {a: sum(r[a] == w[a] for r, w in zip(read, wanted)) / len(wanted) for a in ATTRIBUTES}
-    result["exact"] = sum(all(r[a] == w[a] for a in ATTRIBUTES) for r, w in zip(read, wanted)) / len(wanted)
-    return {**result, "n": len(wanted)}
+    return {**attribute_scores(read, wanted), "n": len(wanted)}
 
 
 def subject_and_class(model: Any, captioner: Any, photos: Sequence[Image.Image], num: int, seed: int,

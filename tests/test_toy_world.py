@@ -145,3 +145,13 @@ def test_toy_dreambooth_fine_tunes_the_toy_base_model_as_it_was_built():
     only_dreambooth = {"prior_loss_weight", "train_text_encoder", "text_encoder_lr", "cache_latents", "ckpt_path"}
     assert {k: v for k, v in base.items() if k not in only_base} == \
         {k: v for k, v in dreambooth.items() if k not in only_dreambooth}
+
+
+def test_attribute_scores_count_each_attribute_and_exact_matches():
+    from ldm.data.shapes import attribute_scores
+    wanted = [{"colour": "red", "shape": "circle", "background": "white"}] * 4
+    read = [parse_caption(c) for c in ("a red circle on a white background", "a red square on a white background",
+                                       "a blue circle", "a red circle on a black background")]
+    assert attribute_scores(read, wanted) == {"exact": 0.25, "colour": 0.75, "shape": 0.75, "background": 0.5}
+    with pytest.raises(ValueError, match="expected equal"):
+        attribute_scores(read[:2], wanted)

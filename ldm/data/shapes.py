@@ -36,6 +36,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 225), 
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = {"white": (245, 245, 245), "black": (25, 25, 25)}
 SPLITS = ("train", "val", "test")
+ATTRIBUTES = ("colour", "shape", "background")  # what a caption names, and a Scene field each
 SUPERSAMPLE = 4
 DOT = (240, 205, 40)  # the subject's distinctive mark
 # (template, probability) for training captions; every template keeps the shape (the class noun)
@@ -153,6 +154,16 @@ class ShapesDataset(Dataset):
         scene = open_palette_scene(rng) if self.open_palette and rng.random() < self.open_palette else random_scene(rng)
         caption = scene.caption() if self.captions == "full" else training_caption(scene, rng, self.caption_dropout)
         return {"image": to_array(render(scene, self.size)), "caption": caption}
+
+
+def attribute_scores(read: Sequence[dict], wanted: Sequence[dict]) -> dict[str, float]:
+    """How often the attributes read (``parse_caption``) are the wanted ones: per attribute, and
+    ``exact`` (all of ``ATTRIBUTES`` right at once)."""
+    if len(read) != len(wanted) or not read:
+        raise ValueError(f"attribute_scores: {len(read)} read and {len(wanted)} wanted, expected equal, > 0")
+    hits = [{a: r[a] == w[a] for a in ATTRIBUTES} for r, w in zip(read, wanted)]
+    return {"exact": sum(all(h.values()) for h in hits) / len(hits),
+            **{a: sum(h[a] for h in hits) / len(hits) for a in ATTRIBUTES}}
 
 
 def parse_caption(text: str) -> dict[str, str | None]:
