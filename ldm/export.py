@@ -115,11 +115,21 @@ def save_inference_checkpoint(state: Mapping[str, torch.Tensor], path: str | os.
 def export(src: str | os.PathLike, dst: str | os.PathLike, ema: bool | None = None,
            dtype: str = "fp32") -> tuple[Path, dict[str, torch.Tensor]]:
     """Read ``src``, write the slim checkpoint ``dst``; returns its path and weights."""
+    check_dtype(dtype)
+    weights, facts = read_training_checkpoint(src)
+    return export_weights(weights, str(src), dst, facts, ema, dtype)
+
+
+def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    weights, facts = read_training_checkpoint(src)
+
+
+def export_weights(weights: Mapping[str, Any], source: str, dst: str | os.PathLike, facts: Mapping[str, str],
+                   ema: bool | None = None, dtype: str = "fp32") -> tuple[Path, dict[str, torch.Tensor]]:
+    """Steps 1-5 for weights in memory (``source`` names them in errors); ``facts`` go to the metadata."""
     use_ema = has_ema(weights) if ema is None else ema
-    state = inference_state_dict(weights, str(src), use_ema, DTYPES[dtype])
+    state = inference_state_dict(weights, source, use_ema, DTYPES[dtype])
     return save_inference_checkpoint(state, dst, {**facts, "ema": str(use_ema).lower(), "dtype": dtype}), state
 
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from ldm.export import inference_state_dict, save_inference_checkpoint
-from ldm.util import DTYPES
+from ldm.export import check_dtype, export_weights
 
 
 class ExportOnTrainEnd(pl.Callback):
@@ -18,8 +17,7 @@ class ExportOnTrainEnd(pl.Callback):
 
     def __init__(self, filename: str = "export/model.safetensors", dtype: str = "fp32", ema: bool | None = None,
                  logdir: str | None = None):
-        if dtype not in DTYPES:
-            raise ValueError(f"ExportOnTrainEnd: dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+        check_dtype(dtype)
         self.filename, self.dtype, self.ema, self.logdir = filename, dtype, ema, logdir
 
     @rank_zero_only
@@ -28,9 +26,7 @@ class ExportOnTrainEnd(pl.Callback):
             return
         path = Path(self.logdir or trainer.default_root_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
-        state = inference_state_dict(state, f"step {trainer.global_step}", self.ema, DTYPES[self.dtype])
-        ema = self.ema if self.ema is not None else getattr(pl_module, "use_ema", False)
-        save_inference_checkpoint(state, path, {"global_step": str(trainer.global_step), "dtype": self.dtype,
-                                                "ema": str(bool(ema)).lower()})
+        weights = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        step = trainer.global_step
+        export_weights(weights, f"the model at step {step}", path, {"global_step": str(step)}, self.ema, self.dtype)
         rank_zero_info(f"exported {path} (step {trainer.global_step}, {self.dtype})")
