@@ -173,7 +173,7 @@ def evaluate(opt: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     captioner = load_captioner(opt.captioner)
     photos_dir = Path(opt.subject) if opt.subject else write_images(
-        [subject_scene(i) for i in range(4)], out / "subject", 32)
+        [subject_scene(i) for i in range(4)], out / "subject", 32, captions=False)
     photos = [Image.open(p).convert("RGB") for p in sorted(photos_dir.glob("*.png"))]
     results: dict[str, Any] = {"captioner": caption_accuracy(captioner, "test", opt.num_test, opt.seed)}
     base = load_sd(opt.base)

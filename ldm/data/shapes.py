@@ -192,14 +192,16 @@ def subject_scene(i: int, seed: int = 0) -> Scene:
     return Scene(**{**scene.__dict__, "dot": True})
 
 
-def write_images(scenes: Sequence[Scene], out: Path, size: int) -> Path:
-    """PNG files ``00000.png ...`` and ``captions.jsonl`` (``{"image", "caption"}`` rows) in ``out``."""
+def write_images(scenes: Sequence[Scene], out: Path, size: int, captions: bool = True) -> Path:
+    """PNG files ``00000.png ...`` in ``out``, and with ``captions`` a ``captions.jsonl`` of
+    ``{"image", "caption"}`` rows."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, scene in enumerate(scenes):
         render(scene, size).save(out / f"{i:05d}.png")
         rows.append({"image": f"{i:05d}.png", "caption": scene.caption()})
-    (out / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if captions:
+        (out / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
 
@@ -215,8 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (opt.out is None) == (opt.subject is None):
         p.error("give exactly one of --out or --subject")
     if opt.subject:
-        folder = write_images([subject_scene(i, opt.seed) for i in range(opt.num)], Path(opt.subject), opt.size)
-        (folder / "captions.jsonl").unlink()
+        write_images([subject_scene(i, opt.seed) for i in range(opt.num)], Path(opt.subject), opt.size, captions=False)
     else:
         write_images([scene_of(opt.split, opt.seed, i) for i in range(opt.num)], Path(opt.out), opt.size)
     return 0
