@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from benchmarks.common import DTYPES, Timing, interleaved, machine_line, markdown_table
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.util import instantiate_from_config
+from core.config import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."

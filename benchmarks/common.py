@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from ldm.util import DTYPES  # noqa: F401  (re-exported: the --dtype names of every benchmark)
+from core.config import DTYPES  # noqa: F401  (re-exported: the --dtype names of every benchmark)
 
 
 def synchronize(device: torch.device) -> None:

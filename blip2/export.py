@@ -26,7 +26,7 @@ import torch
 from blip2.config import normalize_config
 from blip2.hub import TIED, assign_weights, load_tokenizer
 from blip2.models.blip2_opt import Blip2OPT
-from ldm.checkpoint import CheckpointError, atomic_path, load_checkpoint, save_checkpoint
+from core.weights import CheckpointError, atomic_path, load_checkpoint, save_checkpoint
 
 MODEL_PREFIX = "model."
 

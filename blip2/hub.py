@@ -10,7 +10,6 @@ and device, into a model built on the meta device.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -18,64 +17,18 @@ from typing import Any, Callable
 import torch
 
 from blip2.processors import CLIP_MEAN, CLIP_STD, PREPROCESSOR_FILE, processor_args
-from ldm.checkpoint import CheckpointError
+from core.weights import CheckpointError, check_keys, open_folder, read_json, wrong_shape
 
-INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
+LAYOUT = "Blip2ForConditionalGeneration"
 TIED = ("language_model.lm_head.weight", "language_model.model.decoder.embed_tokens.weight")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; a clear one-line error when missing or malformed."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def weight_files(folder: Path) -> tuple[Path, list[Path]]:
-    """(the file that names the weights, the safetensors files): the index and its shards, or the single file."""
-    if (folder / INDEX_FILE).is_file():
-        weight_map = read_json(folder / INDEX_FILE).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{folder / INDEX_FILE}: expected a non-empty 'weight_map' object")
-        return folder / INDEX_FILE, [folder / name for name in sorted(set(weight_map.values()))]
-    if (folder / SINGLE_FILE).is_file():
-        return folder / SINGLE_FILE, [folder / SINGLE_FILE]
-    raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors weights are read)")
-
-
-def _open(path: Path):
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weight shard not found")
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable .safetensors file ({err})") from None
-
-
-def _key_list(keys: set[str]) -> str:
-    shown = sorted(keys)[:5]
-    return f"{len(keys)} ({', '.join(shown)}{', ...' if len(keys) > 5 else ''})"
-
-
-def check_keys(where: str, found: set[str], expected: set[str]) -> None:
-    """Strict key match, allowing the tied head to be absent."""
-    missing = expected - found - ({TIED[0]} if TIED[1] in found else set())
-    if TIED[0] in found and TIED[1] not in found:
-        missing.discard(TIED[1])
-    unexpected = found - expected
-    if missing or unexpected:
-        parts = ([f"missing keys {_key_list(missing)}"] if missing else []) + (
-            [f"unexpected keys {_key_list(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{where}: does not match the Blip2ForConditionalGeneration layout: {'; '.join(parts)}")
+def check_tied_keys(where: str, found: set[str], expected: set[str]) -> None:
+    """Strict key match (``core.weights.check_keys``), allowing one of the tied head and embedding to be absent."""
+    head, embed = TIED
+    present = found | ({head} if embed in found else set()) | ({embed} if head in found else set())
+    check_keys(where, LAYOUT, found, expected - (present - found))
 
 
 def assign_weights(model: torch.nn.Module, source: str, keys: set[str], get: Callable[[str], torch.Tensor],
@@ -83,12 +36,12 @@ def assign_weights(model: torch.nn.Module, source: str, keys: set[str], get: Cal
     """Load the tensors ``get(key)`` for ``keys`` strictly into ``model`` (built on the meta device,
     in its final precision): each is cast to its parameter's dtype on ``device``. Errors name ``source``."""
     targets = model.state_dict()
-    check_keys(source, keys, set(targets))
+    check_tied_keys(source, keys, set(targets))
     weights = {}
     for key in sorted(keys):
         tensor = get(key)
         if tensor.shape != targets[key].shape:
-            raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected {tuple(targets[key].shape)}")
+            check_keys(source, LAYOUT, keys, keys, wrong=[wrong_shape(key, tensor.shape, targets[key].shape)])
         weights[key] = tensor.to(device=device, dtype=targets[key].dtype)
     model.load_state_dict(_tie(weights, source), strict=True, assign=True)
     model.language_model.tie_weights()
@@ -106,10 +59,8 @@ def _tie(weights: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tenso
 
 def load_safetensors(model: torch.nn.Module, folder: Path, device: str | torch.device) -> torch.nn.Module:
     """``assign_weights`` from the folder's safetensors, one tensor at a time."""
-    source, files = weight_files(folder)
-    handles = {path: _open(path) for path in files}
-    owner = {key: handle for handle in handles.values() for key in handle.keys()}
-    return assign_weights(model, str(source), set(owner), lambda key: owner[key].get_tensor(key), device)
+    source, readers = open_folder(folder)
+    return assign_weights(model, source, set(readers), lambda key: readers[key](), device)
 
 
 def load_tokenizer(folder: Path) -> Any:

@@ -15,10 +15,10 @@ from PIL import Image
 from blip2.hub import assign_weights, load_tokenizer
 from blip2.models.blip2_opt import Blip2OPT
 from blip2.processors import PREPROCESSOR_FILE, Blip2ImageProcessor
-from ldm.checkpoint import atomic_path, load_state_dict
-from ldm.data.images import ImageLoadError, is_image_file, list_images, load_rgb
-from ldm.inference import load_config
-from ldm.util import instantiate_from_config
+from core.weights import atomic_path, load_state_dict
+from core.images import ImageLoadError, is_image_file, list_images, load_rgb
+from core.config import load_config
+from core.config import instantiate_from_config
 
 VQA_TEMPLATE = "Question: {} Answer:"
 

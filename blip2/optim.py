@@ -45,21 +45,3 @@ def param_groups(model: nn.Module, weight_decay: float, vit_layer_decay: float =
     if not groups:
         raise ValueError("no trainable parameters: every part is frozen (freeze_vit, freeze_qformer, freeze_llm)")
     return list(groups.values())
-
-
-class WarmupCosine:
-    """LAVIS's lr at (epoch, optimizer step): a pure function of the training progress, so a resumed
-    run continues the schedule without any saved state."""
-
-    def __init__(self, lr_max: float, min_lr: float, warmup_lr: float, warmup_steps: int, max_epochs: int):
-        if lr_max <= 0 or max_epochs is None or max_epochs < 1:
-            raise ValueError(f"WarmupCosine: expected lr_max > 0 and max_epochs >= 1 (the cosine is per epoch: set "
-                             f"lightning.trainer.max_epochs), got lr_max={lr_max}, max_epochs={max_epochs}")
-        self.lr_max, self.min_lr, self.warmup_lr = float(lr_max), float(min_lr), float(warmup_lr)
-        self.warmup_steps, self.max_epochs = int(warmup_steps), int(max_epochs)
-
-    def __call__(self, epoch: int, step: int) -> float:
-        """The lr of optimizer step ``step`` (counted from the start) in epoch ``epoch``."""
-        if epoch == 0:
-            return min(self.lr_max, self.warmup_lr + (self.lr_max - self.warmup_lr) * step / max(self.warmup_steps, 1))
-        return self.min_lr + (self.lr_max - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / self.max_epochs))

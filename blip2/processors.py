@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from ldm.data.images import to_rgb
+from core.images import to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -19,8 +19,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from blip2.hub import image_settings, load_tokenizer, read_json, weight_files
-from ldm.checkpoint import CheckpointError
+from blip2.hub import image_settings, load_tokenizer
+from core.weights import CheckpointError, check_keys, open_folder, read_json, wrong_shape
 
 STAGE1_ONLY = ("temp", "lm_head.")  # parameters that Hub retrieval folders do not hold
 ROW_PREFIX_KEYS = ("embeddings.word_embeddings.weight", "lm_head.bias")  # BERT's 30522 rows of our 30523
@@ -43,37 +43,6 @@ BERT_UNUSED = ("bert.embeddings.token_type_embeddings.", "bert.pooler.", "cls.se
                "cls.predictions.decoder.", "bert.embeddings.position_ids")
 
 
-def _key_list(keys: set[str]) -> str:
-    shown = sorted(keys)[:4]
-    return f"{len(keys)} ({', '.join(shown)}{', ...' if len(keys) > 4 else ''})"
-
-
-def check_keys(source: str, layout: str, found: set[str], expected: set[str]) -> None:
-    """Strict key match; a mismatch is one line naming ``source``, the layout and some keys."""
-    missing, unexpected = expected - found, found - expected
-    if missing or unexpected:
-        parts = ([f"missing keys {_key_list(missing)}"] if missing else []) + (
-            [f"unexpected keys {_key_list(unexpected)}"] if unexpected else [])
-        raise CheckpointError(f"{source}: does not match the {layout} layout: " + "; ".join(parts))
-
-
-def open_tensors(folder: Path) -> tuple[str, dict[str, Callable[[], torch.Tensor]]]:
-    """(the file naming the weights, {key: a reader of that tensor}) of a safetensors folder."""
-    from safetensors import SafetensorError, safe_open
-
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder")
-    source, files = weight_files(folder)
-    readers = {}
-    for path in files:
-        try:
-            handle = safe_open(str(path), framework="pt")
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path}: not a readable .safetensors file ({err})") from None
-        readers.update({key: (lambda h=handle, k=key: h.get_tensor(k)) for key in handle.keys()})
-    return str(source), readers
-
-
 @torch.no_grad()
 def copy_into(model: nn.Module, source: str, readers: dict[str, Callable[[], torch.Tensor]]) -> None:
     """``model``'s tensor ``key`` <- ``readers[key]()``, one at a time, shapes checked; a tensor with
@@ -83,14 +52,14 @@ def copy_into(model: nn.Module, source: str, readers: dict[str, Callable[[], tor
         tensor, target = read(), targets[key]
         rows_fit = tensor.shape[1:] == target.shape[1:] and tensor.shape[0] <= target.shape[0]
         if tensor.shape != target.shape and not (key in ROW_PREFIX_KEYS and rows_fit):
-            raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            check_keys(source, type(model).__name__, readers, readers, wrong=[wrong_shape(key, tensor.shape, target.shape)])
         target[:tensor.shape[0]].copy_(tensor)
 
 
 def load_retrieval_folder(cls: type, folder: Path, device: str | torch.device, **kwargs: Any) -> Any:
     """``Blip2Qformer.from_pretrained``: build on the meta device, allocate on ``device``, initialise
     (``temp`` and ``lm_head`` keep these values), then copy the folder's tensors."""
-    source, readers = open_tensors(folder)
+    source, readers = open_folder(folder)
     config = read_json(folder / "config.json")
     with torch.device("meta"):
         model = cls(config.get("vision_config"), config.get("qformer_config"), config.get("num_query_tokens", 32),
@@ -107,7 +76,7 @@ def load_retrieval_folder(cls: type, folder: Path, device: str | torch.device, *
 
 def load_vision_weights(model: nn.Module, folder: Path) -> None:
     """The ``vision_model.*`` tensors of a BLIP-2 Hub folder (all of them, nothing else is read)."""
-    source, readers = open_tensors(folder)
+    source, readers = open_folder(folder)
     found = {k: r for k, r in readers.items() if k.startswith("vision_model.")}
     expected = {k for k in model.state_dict() if k.startswith("vision_model.")}
     check_keys(source, "BLIP-2 vision_model", set(found), expected)
@@ -132,7 +101,7 @@ def bert_targets(key: str) -> list[str]:
 
 def load_bert_weights(model: nn.Module, folder: Path) -> None:
     """Initialise the Q-Former from ``bert-base-uncased`` (see the module notes)."""
-    source, readers = open_tensors(folder)
+    source, readers = open_folder(folder)
     try:
         mapped = {target: reader for key, reader in readers.items() for target in bert_targets(key)}
     except CheckpointError as err:

@@ -25,13 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from blip2.config import normalize_config
-from blip2.hub import read_json
 from blip2.inference import VQA_TEMPLATE, build_blip2_opt
 from blip2.lm_loss import caption_loss, caption_tokens, prompt_length, with_prompt
 from blip2.metrics import caption_scores, vqa_accuracy
 from blip2.models.blip2_opt import Blip2OPT
-from blip2.optim import WarmupCosine, param_groups
-from ldm.util import DTYPES, instantiate_from_config
+from blip2.optim import param_groups
+from core.config import DTYPES, instantiate_from_config
+from core.schedules import LinearWarmupCosine
+from core.weights import read_json
 
 CAPTION_GENERATION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
 VQA_GENERATION = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
@@ -129,8 +130,10 @@ class Blip2OPTFinetune(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the trainable groups; ``on_train_batch_start`` sets each step's lr."""
         warmup_lr = self.learning_rate if self.warmup_lr is None else self.warmup_lr  # None: no warm-up (LAVIS)
-        self.schedule = WarmupCosine(self.learning_rate, self.min_lr, warmup_lr, self.warmup_steps,
-                                     self.trainer.max_epochs)
+        if self.learning_rate <= 0:
+            raise ValueError(f"Blip2OPTFinetune: expected a learning rate > 0, got {self.learning_rate}")
+        self.schedule = LinearWarmupCosine(self.warmup_steps, f_start=warmup_lr / self.learning_rate,
+                                           f_min=self.min_lr / self.learning_rate, max_epochs=self.trainer.max_epochs)
         groups = param_groups(self.model, self.weight_decay, self.vit_layer_decay)
         for group in groups:
             group["lr"] = self.learning_rate * group["lr_scale"]
@@ -138,7 +141,7 @@ class Blip2OPTFinetune(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """lr of this step = schedule(epoch, step) times each group's ``lr_scale`` (LAVIS sets it per iteration)."""
-        lr = self.schedule(self.current_epoch, self.global_step)
+        lr = self.learning_rate * self.schedule(self.global_step, self.current_epoch)
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]

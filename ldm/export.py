@@ -26,10 +26,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ldm.checkpoint import SAFETENSORS_SUFFIXES, CheckpointError, load_checkpoint, save_checkpoint
+from core.weights import SAFETENSORS_SUFFIXES, CheckpointError, load_checkpoint, save_checkpoint
 from ldm.models.diffusion.ddpm import EMA_PREFIX
 from ldm.models.diffusion.schedule import make_beta_schedule, schedule_buffers
-from ldm.util import DTYPES
+from core.config import DTYPES
 
 UNET_PREFIX = "model.diffusion_model."
 NETWORK_PREFIXES = (UNET_PREFIX, "first_stage_model.", "cond_stage_model.")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.util import DTYPES  # noqa: E402
+from core.config import DTYPES  # noqa: E402
 from blip2.inference import (  # noqa: E402
     VQA_TEMPLATE, batches, collect_inputs, describe, load_batch, load_captioner, read_questions,
     record_writer, records, write_sidecar,

@@ -46,7 +46,8 @@ from ldm.data.shapes import (
     subject_scene,
     write_images,
 )
-from ldm.inference import load_config, load_model
+from core.config import load_config
+from ldm.loading import load_model
 
 SD_CONFIG = ROOT / "configs/toy/sd.yaml"
 DREAMBOOTH_CONFIG = ROOT / "configs/toy/dreambooth.yaml"
@@ -127,7 +128,7 @@ def subject_and_class(model: Any, captioner: Any, photos: Sequence[Image.Image],
 def dreambooth(base: Path, photos: Path, workdir: Path, prior: bool, steps: int | None,
                extra: Sequence[str] = ()) -> Path:
     """Run main.py with the toy DreamBooth config; returns the exported weights."""
-    import main as trainer
+    from core import trainer
 
     name = "with_prior" if prior else "without_prior"
     argv = ["--base", str(DREAMBOOTH_CONFIG), "-t", "--actual_resume", str(base), "--data_root", str(photos),

@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from ldm.checkpoint import CheckpointError  # noqa: E402
+from core.weights import CheckpointError  # noqa: E402
 from ldm.export import DTYPES, check_new_folder, export, save_diffusers  # noqa: E402
-from ldm.inference import load_config  # noqa: E402
+from core.config import load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from blip2.inference import batches, collect_inputs  # noqa: E402
 from blip2.models.blip2_qformer import Blip2Qformer  # noqa: E402
 from blip2.processors import PREPROCESSOR_FILE, Blip2ImageProcessor  # noqa: E402
-from ldm.checkpoint import load_state_dict, load_strict  # noqa: E402
-from ldm.data.images import load_rgb  # noqa: E402
-from ldm.inference import load_config  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from core.weights import load_state_dict, load_strict  # noqa: E402
+from core.images import load_rgb  # noqa: E402
+from core.config import load_config  # noqa: E402
+from core.config import instantiate_from_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

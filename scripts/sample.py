@@ -16,8 +16,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.inference import latent_factor, load_config, load_model, make_grid, next_index, save_png, to_uint8  # noqa: E402
+from core.weights import CheckpointError  # noqa: E402
+from ldm.loading import latent_factor, load_model  # noqa: E402
+from core.config import load_config  # noqa: E402
+from core.images import make_grid, next_index, save_png, to_uint8  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.models.diffusion.plms import PLMSSampler  # noqa: E402
 

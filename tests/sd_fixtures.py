@@ -5,7 +5,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ldm.util import instantiate_from_config
+from core.config import instantiate_from_config
 from tests._util import randomize_
 
 ROOT = Path(__file__).resolve().parents[1]

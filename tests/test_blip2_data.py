@@ -12,7 +12,7 @@ from blip2.data.captions import CaptionDataset, collate, pre_caption, read_capti
 from blip2.data.datamodule import CaptionDataModule
 from blip2.data.vqa import VQADataset, pre_question
 from blip2.processors import CLIP_MEAN, CLIP_STD, Blip2ImageProcessor
-from ldm.data.images import ImageLoadError
+from core.images import ImageLoadError
 
 CAPS = {"a.png": ["A dog running!", "the dog (brown)"], "b.png": ["Two cats; sleeping."]}
 

@@ -17,9 +17,10 @@ from blip2 import Blip2OPT
 from blip2.data.captions import CaptionDataset, collate
 from blip2.export import export_checkpoint, main as export_main
 from blip2.lm_loss import IGNORE_INDEX, caption_loss, caption_tokens, prompt_length, with_prompt
-from blip2.optim import WarmupCosine, param_groups
+from blip2.optim import param_groups
+from core.schedules import LinearWarmupCosine
 from blip2.train import Blip2OPTFinetune
-from ldm.util import instantiate_from_config
+from core.config import instantiate_from_config
 from tests._util import rel_err
 from tests.blip2_fixtures import (IMAGE_SIZE, load_reference, make_tiny_blip2_folder, one_torch_thread,
                                   tiny_blip2_config, tiny_pixels)
@@ -160,13 +161,19 @@ def test_param_groups_decay_and_layer_scales(folder):
 
 
 def test_schedule_is_lavis_linear_warmup_cosine():
-    s = WarmupCosine(1e-5, 0.0, 1e-8, warmup_steps=1000, max_epochs=5)
-    assert s(0, 0) == 1e-8 and s(0, 500) == pytest.approx(1e-8 + (1e-5 - 1e-8) / 2)
+    f = LinearWarmupCosine(1000, f_start=1e-8 / 1e-5, f_min=0.0, max_epochs=5)  # lr 1e-5, warm-up from 1e-8
+
+    def s(epoch, step):
+        return 1e-5 * f(step, epoch)
+
+    assert s(0, 0) == pytest.approx(1e-8, rel=1e-12) and s(0, 500) == pytest.approx(1e-8 + (1e-5 - 1e-8) / 2)
     assert s(0, 1000) == s(0, 4000) == 1e-5  # the rest of epoch 0 at the peak
     assert s(1, 5000) == pytest.approx(1e-5 * 0.5 * (1 + math.cos(math.pi / 5)))
     assert s(4, 9999) == pytest.approx(1e-5 * 0.5 * (1 + math.cos(4 * math.pi / 5)))
     with pytest.raises(ValueError, match="max_epochs"):
-        WarmupCosine(1e-4, 0, 0, 10, max_epochs=-1)
+        LinearWarmupCosine(10, max_epochs=-1)
+    with pytest.raises(ValueError, match="one of max_steps"):
+        LinearWarmupCosine(10)
 
 
 def test_trainer_applies_schedule_per_step(folder, tmp_path):
@@ -178,9 +185,9 @@ def test_trainer_applies_schedule_per_step(folder, tmp_path):
     seen = record.seen
     assert len(seen) == 6
     for epoch, step, lrs in seen:
-        lr = module.schedule(epoch, step - 1)  # set before the step that global_step now counts
+        lr = module.learning_rate * module.schedule(step - 1, epoch)  # set before the step that global_step now counts
         assert lrs == {scale: pytest.approx(lr * scale) for scale in lrs}
-    assert seen[0][2][1.0] == 1e-5 and seen[-1][2][1.0] == pytest.approx(1e-4 + 0.9e-3 * 0.25)
+    assert seen[0][2][1.0] == pytest.approx(1e-5, rel=1e-12) and seen[-1][2][1.0] == pytest.approx(1e-4 + 0.9e-3 * 0.25)
 
 
 # ---- gradient checkpointing and precision -----------------------------------------------------------

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from blip2.lr_schedule import LinearWarmupCosine
+from core.schedules import LinearWarmupCosine
 from blip2.models.blip2_qformer import Blip2Qformer
 from blip2.stage1 import sample_negatives, unilm_mask
-from ldm.checkpoint import CheckpointError
+from core.weights import CheckpointError
 from tests._util import randomize_, rel_err
 from tests.blip2_fixtures import CLIP_MEAN, CLIP_STD, one_torch_thread
 
@@ -276,7 +276,7 @@ def test_trainer_steps_with_the_schedule_and_keep_the_vit(world):
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    schedule = {"target": "blip2.lr_schedule.LinearWarmupCosine",
+    schedule = {"target": "core.schedules.LinearWarmupCosine",
                 "params": {"warm_up_steps": 2, "max_steps": 4, "f_start": 0.01, "f_min": 0.1}}
     model = tiny_model(world["vocab"], seed=2, scheduler_config=schedule)
     vit, qformer = ({k: v.clone() for k, v in part.state_dict().items()} for part in (model.vision_model.encoder,
@@ -346,7 +346,7 @@ def test_stage1_config_builds_the_paper_model():
     from omegaconf import OmegaConf
     from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
-    from ldm.util import get_obj_from_str, instantiate_from_config
+    from core.config import get_obj_from_str, instantiate_from_config
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/blip2/pretrain_stage1.yaml")
     with torch.device("meta"):
@@ -433,7 +433,7 @@ def test_retrieve_script_ranks_like_the_model(world, tmp_path, capsys):
     printed = capsys.readouterr().out
     ours = world["ours"]
     from blip2.processors import Blip2ImageProcessor
-    from ldm.data.images import load_rgb
+    from core.images import load_rgb
 
     with torch.no_grad():
         pixels = Blip2ImageProcessor.from_folder(world["folder"])([load_rgb(p) for p in paths])
@@ -465,7 +465,7 @@ def test_retrieve_script_with_config_and_checkpoint(world, tmp_path, capsys):
                  *map(str, paths), "--texts", *TEXTS[:2], "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     from blip2.processors import Blip2ImageProcessor
-    from ldm.data.images import load_rgb
+    from core.images import load_rgb
 
     with torch.no_grad():
         pixels = Blip2ImageProcessor(IMAGE_SIZE)([load_rgb(p) for p in paths])

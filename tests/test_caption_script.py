@@ -130,7 +130,7 @@ def test_ckpt_of_another_size_is_one_line(world, tmp_path, capsys):
     ckpt = model_dir / "model.safetensors"
     assert _main()([str(images), "--config", str(tmp_path / "c.yaml"), "--ckpt", str(ckpt)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"caption.py: error: {ckpt}: does not match") and "missing keys" in err and "\n" not in err
+    assert err.startswith(f"caption.py: error: {ckpt}: does not fit") and "missing keys" in err and "\n" not in err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.checkpoint import CheckpointError, atomic_path, load_checkpoint, load_state_dict, save_checkpoint
+from core.weights import CheckpointError, atomic_path, load_checkpoint, load_state_dict, save_checkpoint
 
 
 def _fake_lightning_callback_class():

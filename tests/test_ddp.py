@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from ldm.checkpoint import load_checkpoint
-from ldm.data.images import list_images
+from core.weights import load_checkpoint
+from core.images import list_images
 from tests.main_helpers import DREAMBOOTH_TINY, base_checkpoint, make_images, run_dirs, run_main
 
 STEPS, CLASS_IMAGES = 2, 3

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from ldm.callbacks.image_logger import ImageLogger
 from ldm.callbacks.regularization import RegularizationSampler
-from ldm.util import instantiate_from_config
+from core.config import instantiate_from_config
 from tests._util import randomize_, rel_err
 from tests.sd_fixtures import FULL_CONFIG, ROOT, plain
 

@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from ldm.checkpoint import load_state_dict
+from core.weights import load_state_dict
 from ldm.export import SCHEDULE_KEYS, diffusers_text_encoder, ema_key
-from ldm.inference import load_model
+from ldm.loading import load_model
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.util import instantiate_from_config
+from core.config import instantiate_from_config
 from tests._util import randomize_, rel_err
 from tests.sd_fixtures import ROOT, TINY_CONFIG, plain, tiny_config
 

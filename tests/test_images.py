@@ -1,11 +1,11 @@
-"""ldm.data.images: every PIL mode becomes the expected 8-bit RGB, and bad files fail by name."""
+"""core.images: every PIL mode becomes the expected 8-bit RGB, and bad files fail by name."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.data.images import ImageLoadError, is_image_file, list_images, load_rgb, to_rgb
+from core.images import ImageLoadError, is_image_file, list_images, load_rgb, to_rgb
 
 
 def _rgb(path) -> np.ndarray:

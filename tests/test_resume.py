@@ -8,8 +8,8 @@ import signal
 import pytest
 import torch
 
-from ldm.checkpoint import load_checkpoint
-from ldm.data.sampler import ResumableSampler
+from core.weights import load_checkpoint
+from core.data.sampler import ResumableSampler
 from tests.main_helpers import (DREAMBOOTH_TINY, base_checkpoint, make_images, read_scalars, run_dirs, run_main,
                                 start_main)
 

@@ -121,7 +121,7 @@ def _scalars(logdir, tag):
 
 
 def test_vae_config_trains_through_main_and_resume_without_t_validates_the_saved_weights(tmp_path):
-    import main as trainer
+    from core import trainer
     small = ["data.params.batch_size=4", "data.params.validation.params.num=4", "lightning.trainer.max_steps=3",
              "lightning.trainer.val_check_interval=3", "lightning.trainer.log_every_n_steps=1",
              "model.params.ddconfig.ch_mult=[1,2]"]

@@ -12,7 +12,7 @@ Relative image paths are taken from ``image_root`` (default: the annotation file
 ``CaptionDataset`` in ``train`` mode yields one item per caption: ``{"image": [3, s, s],
 "text_input": caption}``, the image augmented (``TrainTransform``) and the caption cleaned as LAVIS's
 ``BlipCaptionProcessor``; in ``eval`` mode one item per image: ``{"image", "image_id", "references"}``
-with the raw captions (coco-caption scores raw text). Images are read with ``ldm.data.images.load_rgb``,
+with the raw captions (coco-caption scores raw text). Images are read with ``core.images.load_rgb``,
 so a bad file fails by name.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from blip2.data.augment import EvalTransform, TrainTransform
 from blip2.processors import CLIP_MEAN, CLIP_STD
-from ldm.data.images import list_images, load_rgb
+from core.images import list_images, load_rgb
 
 Pair = tuple[Path, str]
 MODES = ("train", "eval")

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from blip2.data.augment import EvalTransform
 from blip2.data.captions import load_json, jsonl_records
-from ldm.data.images import load_rgb
+from core.images import load_rgb
 
 
 def pre_question(question: str, max_words: int = 50) -> str:

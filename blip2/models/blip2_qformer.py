@@ -40,7 +40,7 @@ from blip2.processors import CLIP_MEAN, CLIP_STD
 from blip2.stage1 import (gather, itc_loss, itc_similarities, itm_labels, lm_loss, padding_mask, sample_negatives,
                           unilm_mask, world)
 from blip2.stage1_weights import load_bert_weights, load_retrieval_folder, load_vision_weights
-from ldm.util import instantiate_from_config
+from core.config import instantiate_from_config
 
 DEC_TOKEN = "[DEC]"  # LAVIS' decoder bos for ITG, added to bert-base-uncased
 STAGE1_QFORMER = dict(vocab_size=30523, use_qformer_text_input=True)  # BERT vocab + [DEC], text path on
@@ -104,7 +104,7 @@ class Blip2Qformer(pl.LightningModule):
     ``vision_config`` / ``qformer_config``: transformers ``Blip2Config`` fields (defaults: EVA
     ViT-g/14 at 224 px, BERT-base with 30523 tokens). ``tokenizer``: see the module notes.
     ``learning_rate`` is the peak lr (main.py overwrites it from ``base_learning_rate``);
-    ``scheduler_config``: ``{target, params}`` of an lr multiplier (``blip2.lr_schedule``).
+    ``scheduler_config``: ``{target, params}`` of an lr multiplier (``core.schedules``).
     Initial weights (``blip2.stage1_weights``): ``vision_weights``, a BLIP-2 Hub folder whose
     ``vision_model.*`` (EVA ViT-g) are read; ``bert_weights``, a ``bert-base-uncased`` folder for the
     Q-Former; otherwise BERT's random initialisation.

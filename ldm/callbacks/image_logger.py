@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import numpy as np
 
 from ldm.callbacks.sampling import data_size, sample_images, sampling_mode
-from ldm.inference import make_grid, save_png
+from core.images import make_grid, save_png
 
 
 class ImageLogger(pl.Callback):

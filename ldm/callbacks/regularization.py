@@ -27,8 +27,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from tqdm import tqdm
 
 from ldm.callbacks.sampling import data_size, sample_images, sampling_mode
-from ldm.data.images import list_images
-from ldm.inference import save_png
+from core.images import list_images
+from core.images import save_png
 
 CLASS_FILE = "class_{:05d}.png"
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ldm.inference import to_uint8
+from core.images import to_uint8
 from ldm.models.diffusion.ddim import DDIMSampler
 
 

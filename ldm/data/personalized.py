@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ldm.data.images import (
+from core.images import (
     is_image_file,
     list_images,
     load_rgb,

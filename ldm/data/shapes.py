@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from ldm.data.images import to_array
+from core.images import to_array
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 225), "yellow": (240, 205, 40),
            "purple": (145, 55, 195)}

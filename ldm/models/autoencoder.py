@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ldm.checkpoint import load_state_dict, load_strict
+from core.weights import load_state_dict, load_strict
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 

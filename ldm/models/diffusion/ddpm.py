@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.checkpoint import load_state_dict, load_strict
+from core.weights import load_state_dict, load_strict
 from ldm.models.diffusion.schedule import make_beta_schedule, q_sample, schedule_buffers
 from ldm.modules.ema import LitEma
-from ldm.util import instantiate_from_config
+from core.config import instantiate_from_config
 
 log = logging.getLogger(__name__)
 

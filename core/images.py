@@ -1,4 +1,5 @@
-"""Image loading and validation: the one place where files on disk become RGB images.
+"""Images: loading and validation (the one place where files on disk become RGB images), and the
+way out again (uint8 arrays, grids, PNG files that carry their settings).
 
 Every dataset and script goes through :func:`load_rgb`, so a file decodes the same way for
 DreamBooth training and for BLIP-2 captioning:
@@ -13,11 +14,18 @@ DreamBooth training and for BLIP-2 captioning:
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
+import torch
+from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from core.weights import atomic_path
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
@@ -111,3 +119,40 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 def to_array(image: Image.Image) -> np.ndarray:
     """8-bit RGB -> (H, W, 3) float32 in [-1, 1], the CompVis data-set convention."""
     return np.asarray(image, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+# ---- images out -------------------------------------------------------------------------------
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Decoded samples in [-1, 1], (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return (rearrange(x, "b c h w -> b h w c").cpu().numpy() * 255.0).round().astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one image with ``nrow`` images per row, white padding between."""
+    n, h, w, c = images.shape
+    rows = -(-n // nrow)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[y:y + h, x:x + w] = img
+    return canvas
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike, info: Mapping[str, Any] | None = None) -> Path:
+    """Write a PNG atomically; ``info`` goes into its text chunks (one per key, plus ``parameters`` as JSON)."""
+    meta = PngInfo()
+    for k, v in (info or {}).items():
+        meta.add_text(str(k), str(v))
+    if info:
+        meta.add_text("parameters", json.dumps(dict(info), default=str))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=meta)
+    return path
+
+
+def next_index(folder: str | os.PathLike, pattern: str = "*.png") -> int:
+    """The first free index in a folder of numbered outputs (CompVis ``base_count``)."""
+    return len(list(Path(folder).glob(pattern)))

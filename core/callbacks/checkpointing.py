@@ -36,7 +36,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ldm.checkpoint import load_checkpoint, save_checkpoint
+from core.weights import load_checkpoint, save_checkpoint
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STEP_FILE = "step-{:06d}.ckpt"
@@ -44,7 +44,7 @@ LAST_FILE = "last.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO through ``ldm.checkpoint``: atomic writes, ``weights_only`` reads."""
+    """Lightning's checkpoint IO through ``core.weights``: atomic writes, ``weights_only`` reads."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:

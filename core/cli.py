@@ -1,0 +1,29 @@
+"""How every entry point reports bad input: one line on stderr, ``<prog>: error: <message>``, and
+exit status 2 (argparse's own usage errors exit 2 too). 1 is kept for partial success, which an
+entry point documents (``caption.py``: some images could not be read)."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+from omegaconf.errors import OmegaConfBaseException
+
+USAGE_ERROR = 2
+# errors that mean "bad input": their message names the file, key or value (CheckpointError and
+# ImageLoadError are ValueErrors)
+INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError, OmegaConfBaseException)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+def run_cli(prog: str, run: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None,
+            errors: tuple[type[BaseException], ...] = INPUT_ERRORS) -> int:
+    """``run(argv)``; an input error is one line on stderr and exit status 2."""
+    try:
+        return run(sys.argv[1:] if argv is None else list(argv))
+    except errors as err:
+        print(f"{prog}: error: {first_line(err)}", file=sys.stderr)
+        return USAGE_ERROR

@@ -1,0 +1,47 @@
+"""Configs: OmegaConf YAML files merged in order, and ``instantiate_from_config`` (CompVis)."""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+# The precision names the configs and scripts accept.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def get_obj_from_str(path: str) -> Any:
+    """Return the object named by a dotted path such as ``ldm.models.autoencoder.AutoencoderKL``."""
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ValueError(f"target {path!r} is not a dotted 'module.Object' path")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import target {path!r}: {err}") from None
+
+
+def instantiate_from_config(config: Mapping) -> Any:
+    """Build ``config.target(**config.params)``."""
+    if "target" not in config:
+        raise KeyError(f"expected a 'target' key in the config, got keys {sorted(config)}")
+    params = config.get("params", None) or {}
+    return get_obj_from_str(config["target"])(**params)
+
+
+def load_config(paths: Sequence[str | os.PathLike]) -> Any:
+    """Merge YAML files in order (later ones override earlier ones); a missing file or a YAML
+    syntax error is one ``ValueError`` line naming the file."""
+    configs = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"{p}: config file not found")
+        try:
+            configs.append(OmegaConf.load(p))
+        except Exception as err:  # yaml's ScannerError / ParserError, OmegaConf's own errors
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{p}: not a readable YAML config ({first})") from None
+    return OmegaConf.merge(*configs)

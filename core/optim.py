@@ -1,0 +1,58 @@
+"""Optimizers: one parameter-group rule and one builder for every system.
+
+A group holds trainable parameters of one part (``name``) with one learning-rate scale and one
+weight decay. The no-decay rule (LAVIS ``get_optimizer_params``): tensors with fewer than two
+dimensions (biases, norms, scalars such as BLIP-2's temperature) get no weight decay, unless the
+system decays everything (``decay_1d``; CompVis trains latent diffusion with AdamW's default decay on
+every tensor). ``lr_scale(name)`` gives per-parameter scales (BLIP-2's layer-wise ViT decay); a group's
+learning rate is ``lr * lr_scale``, and ``set_lr`` applies a schedule's value the same way.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+ADAMW_DEFAULT_DECAY = 0.01  # torch.optim.AdamW's default weight decay (CompVis / DreamBooth use it)
+
+
+def no_decay(param: nn.Parameter) -> bool:
+    """True for the tensors that get no weight decay: fewer than two dimensions."""
+    return param.ndim < 2
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, name: str = "",
+                 decay_1d: bool = False, lr_scale: Callable[[str], float] | None = None,
+                 lr: float | None = None) -> list[dict[str, Any]]:
+    """Groups of the trainable parameters in ``named``: one per (lr scale, decayed or not), each
+    with ``params``, ``weight_decay``, ``lr_scale``, ``name`` (and ``lr`` when given)."""
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    for key, param in named:
+        if not param.requires_grad:
+            continue
+        exempt = not decay_1d and no_decay(param)
+        scale = lr_scale(key) if lr_scale is not None else 1.0
+        label = name if lr_scale is None and decay_1d else f"{name + '_' if name else ''}lr_x{scale:.4g}_" + (
+            "no_decay" if exempt else "decay")
+        group = groups.setdefault((scale, exempt), {
+            "params": [], "weight_decay": 0.0 if exempt else weight_decay, "lr_scale": scale, "name": label})
+        if lr is not None:
+            group["lr"] = lr * scale
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def build_optimizer(groups: Sequence[dict[str, Any]], lr: float, betas: Sequence[float] = (0.9, 0.999),
+                    eps: float = 1e-8) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (a group without its own ``lr`` gets ``lr * lr_scale``)."""
+    if not any(group["params"] for group in groups):
+        raise ValueError("no trainable parameters: every part of the model is frozen")
+    groups = [{**group, "lr": group.get("lr", lr * group.get("lr_scale", 1.0))} for group in groups if group["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate to ``lr`` times its ``lr_scale`` (a schedule's step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

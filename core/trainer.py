@@ -1,0 +1,267 @@
+"""The trainer behind ``main.py``: every training job (DreamBooth, latent diffusion, the autoencoder,
+BLIP-2) from OmegaConf configs, with the CompVis command line.
+
+    python main.py --base configs/dreambooth.yaml -t --actual_resume sd-v1-4.ckpt \\
+        --data_root data/dog --reg_data_root data/dog_class --class_word dog -n dog
+    python main.py -r logs/<time>_dog -t          # resume: saved configs, checkpoints/last.ckpt
+
+Steps: 1. merge the ``--base`` configs (a resumed run's saved configs first), the command-line
+settings and trailing ``key=value`` overrides; 2. check the inputs (one clear line on error; a data module may add its own ``check_config``);
+3. make ``logs/<time>_<name>/{checkpoints,configs,images}`` and save the merged config;
+4. build model, data, callbacks and Trainer from the config; 5. fit, resuming when asked.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from core.callbacks.checkpointing import AtomicCheckpointIO, RankSeed, ResumableCheckpoint
+from core.cli import run_cli
+from core.config import get_obj_from_str, instantiate_from_config, load_config as merge_configs
+from core.weights import CheckpointError, atomic_path
+
+RUN_LOGDIR_ENV = "LDM_RUN_LOGDIR"  # rank 0 hands the log dir to the processes DDP launches
+DEFAULT_SEED = 23
+DEFAULT_TOKEN = "sks"
+SET_BY_MAIN = {"logger", "callbacks", "plugins", "default_root_dir", "use_distributed_sampler"}
+
+
+def str2bool(v: str) -> bool:
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-b", "--base", nargs="*", default=[], metavar="base_config.yaml",
+                   help="configs merged left to right (later ones override)")
+    p.add_argument("-t", "--train", action="store_true", help="train")
+    p.add_argument("-n", "--name", default="", help="run name: logs/<time>_<name>")
+    p.add_argument("-r", "--resume", default="", help="resume from a log dir or a checkpoint inside one")
+    p.add_argument("--actual_resume", default="", help="the base sd-v1 checkpoint to fine-tune")
+    p.add_argument("--data_root", default=None, help="folder of instance images (dreambooth.data_root)")
+    p.add_argument("--reg_data_root", default=None, help="folder of class images (dreambooth.reg_data_root)")
+    p.add_argument("--class_word", default=None, help="class noun, e.g. dog (dreambooth.class_word)")
+    p.add_argument("--token", default=None, help=f"identifier of the subject (default {DEFAULT_TOKEN})")
+    p.add_argument("-s", "--seed", type=int, default=None, help=f"seed (default {DEFAULT_SEED})")
+    p.add_argument("-l", "--logdir", default="logs", help="folder of the run folders")
+    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=None,
+                   help="lr = base_lr * accumulate_grad_batches * devices * num_nodes * batch_size "
+                        "(default: the config's lightning.scale_lr, else true as in CompVis)")
+    p.add_argument("--no-test", dest="no_test", action="store_true",
+                   help="skip the final evaluation on the validation set")
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Options and the trailing ``key=value`` overrides."""
+    opt, rest = get_parser().parse_known_args(list(argv))
+    overrides = [b for b in opt.base if "=" in b and not Path(b).is_file()]  # --base a.yaml k=v: k=v
+    opt.base = [b for b in opt.base if b not in overrides]
+    rest = overrides + rest
+    bad = [a for a in rest if "=" not in a or a.startswith("-")]
+    if bad:
+        raise ValueError(f"unrecognized argument {bad[0]!r} (options are listed by --help; "
+                         "config overrides are key=value)")
+    if opt.name and opt.resume:
+        raise ValueError("-n/--name and -r/--resume cannot be combined (a resumed run keeps its log dir)")
+    return opt, rest
+
+
+# ---- configs ---------------------------------------------------------------------------------
+def find_resume(path: str) -> tuple[Path, Path]:
+    """``-r`` (a log dir, or a checkpoint in ``<logdir>/checkpoints/``) -> (log dir, checkpoint)."""
+    p = Path(path)
+    if p.is_file():
+        logdir, ckpt = p.parent.parent, p
+    elif p.is_dir():
+        logdir, ckpt = p, p / "checkpoints" / "last.ckpt"
+    else:
+        raise ValueError(f"--resume {path}: no such log dir or checkpoint")
+    if not ckpt.is_file():
+        raise ValueError(f"--resume {path}: no checkpoints/last.ckpt (expected a log dir made by main.py)")
+    if not sorted((logdir / "configs").glob("*.yaml")):
+        raise ValueError(f"--resume {path}: no configs/*.yaml in {logdir} (expected a log dir made by main.py)")
+    return logdir, ckpt
+
+
+def cli_settings(opt: argparse.Namespace) -> DictConfig:
+    """The options that set config values (only those given on the command line)."""
+    given = {"token": opt.token, "class_word": opt.class_word, "data_root": opt.data_root,
+             "reg_data_root": opt.reg_data_root}
+    settings: dict[str, Any] = {}
+    if any(v is not None for v in given.values()):
+        settings["dreambooth"] = {k: v for k, v in given.items() if v is not None}
+    if opt.seed is not None:
+        settings["lightning"] = {"seed": opt.seed}
+    if opt.actual_resume:
+        settings["model"] = {"params": {"ckpt_path": opt.actual_resume}}
+    return OmegaConf.create(settings)
+
+
+def load_config(opt: argparse.Namespace, overrides: list[str], resume_logdir: Path | None) -> DictConfig:
+    """Saved configs of a resumed run, ``--base`` files, command-line settings, overrides: merged."""
+    files = [str(p) for p in sorted((resume_logdir / "configs").glob("*.yaml"))] if resume_logdir else []
+    files += opt.base
+    if not files:
+        raise ValueError("no config: pass --base config.yaml (or -r a log dir)")
+    for f in files:
+        if not Path(f).is_file():
+            raise ValueError(f"--base {f}: config file not found")
+    config = merge_configs(files)
+    if "model" not in config:
+        raise ValueError(f"{', '.join(files)}: the config has no 'model' section (expected model.target and "
+                         "model.params)")
+    config = OmegaConf.merge(config, cli_settings(opt), OmegaConf.from_dotlist(overrides))
+    if OmegaConf.select(config, "lightning.seed") is None:
+        OmegaConf.update(config, "lightning.seed", DEFAULT_SEED)
+    if "dreambooth" in config and config.dreambooth.get("token") is None:
+        config.dreambooth.token = DEFAULT_TOKEN
+    if resume_logdir is not None:
+        OmegaConf.update(config, "model.params.ckpt_path", None)  # every weight comes from the resumed checkpoint
+    return config
+
+
+def check_inputs(config: DictConfig, train: bool, resuming: bool) -> None:
+    """Fail early, in one line, on the inputs users get wrong."""
+    ckpt = OmegaConf.select(config, "model.params.ckpt_path")
+    if ckpt and not Path(ckpt).is_file():
+        raise CheckpointError(f"--actual_resume {ckpt}: checkpoint file not found")
+    trainer_kwargs(config)
+    if not train:
+        return
+    if "dreambooth" in config and not ckpt and not resuming:
+        raise ValueError("--actual_resume is required: DreamBooth fine-tunes a base sd-v1 checkpoint")
+    if "data" not in config:
+        raise ValueError("the config has no 'data' section: nothing to train on")
+    check = getattr(get_obj_from_str(config.data.target), "check_config", None) if "target" in config.data else None
+    if check is not None:
+        check(config)
+
+
+# ---- log dir -----------------------------------------------------------------------------------
+def is_rank_zero() -> bool:
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def make_logdir(opt: argparse.Namespace, resume_logdir: Path | None, now: str) -> Path:
+    """``<logdir>/<now>_<name>``, or the resumed run's; DDP's extra processes reuse rank 0's."""
+    if not is_rank_zero() and os.environ.get(RUN_LOGDIR_ENV):
+        return Path(os.environ[RUN_LOGDIR_ENV])
+    if resume_logdir is not None:
+        logdir = resume_logdir
+    else:
+        name = opt.name or (Path(opt.base[-1]).stem if opt.base else "run")
+        logdir = Path(opt.logdir) / f"{now}_{name}"
+        suffix = 1
+        while logdir.exists():
+            logdir, suffix = Path(opt.logdir) / f"{now}_{name}_{suffix}", suffix + 1
+    for sub in ("checkpoints", "configs", "images"):
+        (logdir / sub).mkdir(parents=True, exist_ok=True)
+    os.environ[RUN_LOGDIR_ENV] = str(logdir)
+    return logdir
+
+
+def save_config(config: DictConfig, logdir: Path, now: str) -> None:
+    """The merged config, interpolations kept (so overrides of ``dreambooth.*`` keep working)."""
+    with atomic_path(logdir / "configs" / f"{now}-project.yaml") as tmp:
+        OmegaConf.save(config, tmp)
+
+
+# ---- Lightning objects -----------------------------------------------------------------------------
+def build_callbacks(config: DictConfig, logdir: Path) -> list[pl.Callback]:
+    """``lightning.callbacks`` (name -> {target, params}; null drops one) and the run's own."""
+    callbacks = []
+    for cfg in (OmegaConf.select(config, "lightning.callbacks") or {}).values():
+        if cfg is None:
+            continue
+        callback = instantiate_from_config(cfg)
+        if getattr(callback, "logdir", "") is None:
+            callback.logdir = str(logdir)
+        callbacks.append(callback)
+    checkpoint = OmegaConf.to_container(OmegaConf.select(config, "lightning.checkpoint") or {})
+    callbacks += [ResumableCheckpoint(logdir / "checkpoints", **checkpoint), RankSeed(config.lightning.seed),
+                  LearningRateMonitor(logging_interval="step")]
+    return callbacks
+
+
+def trainer_kwargs(config: DictConfig) -> dict[str, Any]:
+    """``lightning.trainer`` with every key checked against ``Trainer``'s arguments."""
+    kwargs = OmegaConf.to_container(OmegaConf.select(config, "lightning.trainer") or {}, resolve=True)
+    allowed = set(inspect.signature(pl.Trainer.__init__).parameters) - SET_BY_MAIN - {"self"}
+    for key in kwargs:
+        if key in SET_BY_MAIN:
+            raise ValueError(f"lightning.trainer.{key}: set by main.py, not by the config")
+        if key not in allowed:
+            raise ValueError(f"lightning.trainer.{key}: not an argument of lightning's Trainer")
+    return kwargs
+
+
+def build_trainer(config: DictConfig, logdir: Path) -> pl.Trainer:
+    logger = TensorBoardLogger(save_dir=str(logdir), name="tensorboard", version="", default_hp_metric=False)
+    return pl.Trainer(**trainer_kwargs(config), default_root_dir=str(logdir), logger=logger,
+                      callbacks=build_callbacks(config, logdir), plugins=[AtomicCheckpointIO()],
+                      use_distributed_sampler=False)
+
+
+def set_learning_rate(model: pl.LightningModule, config: DictConfig, trainer: pl.Trainer, scale_lr: bool) -> None:
+    """CompVis: lr = base_lr, times accumulate_grad_batches * devices * num_nodes * batch_size."""
+    base_lr = float(config.model.base_learning_rate)
+    batch_size = int(OmegaConf.select(config, "data.params.batch_size") or 1)
+    factor = trainer.accumulate_grad_batches * trainer.num_devices * trainer.num_nodes * batch_size
+    model.learning_rate = base_lr * factor if scale_lr else base_lr
+    rank_zero_info(f"learning rate {model.learning_rate:.2e}" + (
+        f" = {trainer.accumulate_grad_batches} (accumulate_grad_batches) * {trainer.num_devices} (devices) * "
+        f"{trainer.num_nodes} (nodes) * {batch_size} (batch size) * {base_lr:.2e} (base_learning_rate)"
+        if scale_lr else " (base_learning_rate, not scaled)"))
+
+
+def run(opt: argparse.Namespace, overrides: list[str]) -> int:
+    resume_logdir, resume_ckpt = find_resume(opt.resume) if opt.resume else (None, None)
+    config = load_config(opt, overrides, resume_logdir)
+    check_inputs(config, opt.train, resuming=resume_logdir is not None)
+    pl.seed_everything(config.lightning.seed, verbose=False)
+    model = instantiate_from_config(config.model)  # a bad base checkpoint fails here, before the log dir exists
+    data = instantiate_from_config(config.data) if "data" in config else None
+
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    logdir = make_logdir(opt, resume_logdir, now)
+    if is_rank_zero():
+        save_config(config, logdir, now)
+    trainer = build_trainer(config, logdir)
+    scale_lr = opt.scale_lr if opt.scale_lr is not None else OmegaConf.select(config, "lightning.scale_lr",
+                                                                            default=True)
+    set_learning_rate(model, config, trainer, bool(scale_lr))
+    if opt.train:
+        trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
+    if not opt.no_test and OmegaConf.select(config, "data.params.validation") and not trainer.interrupted:
+        # without -t, -r validates the resumed weights (with -t, fit has loaded them already)
+        trainer.validate(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt and not opt.train else None,
+                         weights_only=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run; a bad input is one line on stderr and exit status 2."""
+    # our DataModule resumes mid-epoch itself (ldm/data/datamodule.py), without Lightning's help
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    # the frozen VAE (and a frozen text encoder) stay in eval mode on purpose
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+    return run_cli("main.py", lambda args: run(*parse_args(args)), argv,
+                   errors=(ValueError, FileNotFoundError, OmegaConfBaseException, MisconfigurationException))
