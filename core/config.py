@@ -25,11 +25,17 @@ def get_obj_from_str(path: str) -> Any:
 
 
 def instantiate_from_config(config: Mapping) -> Any:
-    """Build ``config.target(**config.params)``."""
+    """Build ``config.target(**config.params)``.
+
+    A class that accepts parameters of older configs only for compatibility (CompVis's) defines
+    ``from_config_params(**params)``, which validates and drops them before calling the class;
+    it is then used instead of the class itself.
+    """
     if "target" not in config:
         raise KeyError(f"expected a 'target' key in the config, got keys {sorted(config)}")
     params = config.get("params", None) or {}
-    return get_obj_from_str(config["target"])(**params)
+    target = get_obj_from_str(config["target"])
+    return getattr(target, "from_config_params", target)(**params)
 
 
 def load_config(paths: Sequence[str | os.PathLike]) -> Any:
