@@ -25,7 +25,7 @@ import torch
 
 from blip2.config import normalize_config
 from blip2.hub import TIED, assign_weights, load_tokenizer
-from blip2.models.blip2_opt import Blip2OPT
+from blip2.modules.blip2_opt import Blip2OPT
 from core.weights import CheckpointError, atomic_path, load_checkpoint, save_checkpoint
 
 MODEL_PREFIX = "model."

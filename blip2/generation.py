@@ -30,7 +30,7 @@ IGNORED_FIELDS = {"transformers_version", "_from_model_config", "bos_token_id"}
 
 
 class Session(Protocol):
-    """What the decoding rules need from a model: see ``blip2.models.opt.DecodingSession``."""
+    """What the decoding rules need from a model: see ``blip2.modules.opt.DecodingSession``."""
 
     def prefill(self) -> torch.Tensor: ...
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...

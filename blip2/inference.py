@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from blip2.hub import assign_weights, load_tokenizer
-from blip2.models.blip2_opt import Blip2OPT
+from blip2.modules.blip2_opt import Blip2OPT
 from blip2.processors import PREPROCESSOR_FILE, Blip2ImageProcessor
 from core.weights import atomic_path, load_state_dict
 from core.images import ImageLoadError, is_image_file, list_images, load_rgb

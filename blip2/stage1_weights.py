@@ -1,4 +1,4 @@
-"""Weights for the BLIP-2 stage-1 model (``blip2.models.blip2_qformer.Blip2Qformer``), read from
+"""Weights for the BLIP-2 stage-1 network (``blip2.modules.blip2_qformer.Blip2Qformer``), read from
 safetensors one tensor at a time, every key and shape checked.
 
 - ``load_retrieval_folder``: a Hub ``Blip2ForImageTextRetrieval`` folder (``Salesforce/blip2-itm-vit-g``
@@ -64,7 +64,7 @@ def load_retrieval_folder(cls: type, folder: Path, device: str | torch.device, *
     with torch.device("meta"):
         model = cls(config.get("vision_config"), config.get("qformer_config"), config.get("num_query_tokens", 32),
                     config.get("image_text_hidden_size", 256), tokenizer=load_tokenizer(folder), **kwargs)
-    model = model.to_empty(device=device).to(device)  # .to: Lightning's record of the device
+    model = model.to_empty(device=device)
     model.init_weights()
     expected = {k for k in model.state_dict() if not k.startswith(STAGE1_ONLY)}
     check_keys(source, "Blip2ForImageTextRetrieval", set(readers), expected)

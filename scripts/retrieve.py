@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blip2.inference import batches, collect_inputs  # noqa: E402
-from blip2.models.blip2_qformer import Blip2Qformer  # noqa: E402
+from blip2.modules.blip2_qformer import Blip2Qformer  # noqa: E402
 from blip2.processors import PREPROCESSOR_FILE, Blip2ImageProcessor  # noqa: E402
 from core.weights import load_state_dict, load_strict  # noqa: E402
 from core.images import load_rgb  # noqa: E402
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a Hugging Face Blip2ForImageTextRetrieval folder")
-    src.add_argument("--config", help="an OmegaConf yaml whose 'model' builds a Blip2Qformer (with --ckpt)")
+    src.add_argument("--config", help="an OmegaConf yaml whose 'model' builds a Blip2Qformer network (with --ckpt)")
     p.add_argument("--ckpt", help="weights for --config (.ckpt or .safetensors)")
     p.add_argument("--images", nargs="+", required=True, help="image files, folders or list files")
     p.add_argument("--texts", nargs="*", default=[], help="candidate texts")
@@ -66,10 +66,9 @@ def load_model(opt: argparse.Namespace) -> tuple[Blip2Qformer, Blip2ImageProcess
         if not opt.ckpt:
             raise ValueError("--config needs --ckpt (the weights to load into the model it builds)")
         model_config = load_config([opt.config]).model
-        model_config.params.update(vision_weights=None, bert_weights=None)  # every weight comes from --ckpt
         with torch.device("meta"):
             model = instantiate_from_config(model_config)
-        model = model.to_empty(device=opt.device).to(opt.device)
+        model = model.to_empty(device=opt.device)
         load_strict(model, load_state_dict(opt.ckpt), str(opt.ckpt))
     if model.tokenizer is None:
         raise ValueError(f"{opt.model or opt.config}: the model has no tokenizer (tokenizer files / params.tokenizer)")
@@ -82,7 +81,8 @@ def encode_images(model: Blip2Qformer, processor: Blip2ImageProcessor, paths: li
     """(ViT features [N, 1+P, D] for ITM, normalised query features [N, Q, E] for ITC)."""
     embeds, feats = [], []
     for chunk in batches(paths, batch_size):
-        image = model.image_embeds(processor([load_rgb(p) for p in chunk]).to(model.device))  # (b, 1+P, D_img)
+        pixels = processor([load_rgb(p) for p in chunk]).to(model.query_tokens.device)
+        image = model.image_embeds(pixels)  # (b, 1+P, D_img)
         embeds.append(image)
         feats.append(model.project_queries(model.qformer(model.queries(image.shape[0]), image)))  # (b, Q, E)
     return torch.cat(embeds), torch.cat(feats)

@@ -6,8 +6,8 @@ from torch import nn
 
 from blip2 import Blip2OPT
 from blip2.config import normalize_config, opt_args, qformer_args
-from blip2.models.opt import OPTAttention, OPTForCausalLM
-from blip2.models.qformer import MultiHeadAttention, QFormer
+from blip2.modules.opt import OPTAttention, OPTForCausalLM
+from blip2.modules.qformer import MultiHeadAttention, QFormer
 from tests._util import randomize_, rel_err
 from tests.blip2_fixtures import NUM_QUERIES, one_torch_thread, tiny_blip2_config, tiny_pixels
 

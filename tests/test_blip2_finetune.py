@@ -16,11 +16,12 @@ from PIL import Image
 from blip2 import Blip2OPT
 from blip2.data.captions import CaptionDataset, collate
 from blip2.export import export_checkpoint, main as export_main
-from blip2.lm_loss import IGNORE_INDEX, caption_loss, caption_tokens, prompt_length, with_prompt
-from blip2.optim import param_groups
-from core.schedules import LinearWarmupCosine
-from blip2.train import Blip2OPTFinetune
+from blip2.losses.caption_lm import IGNORE_INDEX, caption_loss, caption_tokens, prompt_length, with_prompt
+from blip2.models.finetune import Blip2OPTFinetune
+from blip2.optim import vit_layer_lr_scale
 from core.config import instantiate_from_config
+from core.optim import param_groups
+from core.schedules import LinearWarmupCosine
 from tests._util import rel_err
 from tests.blip2_fixtures import (IMAGE_SIZE, load_reference, make_tiny_blip2_folder, one_torch_thread,
                                   tiny_blip2_config, tiny_pixels)
@@ -145,7 +146,7 @@ def test_freeze_flags(folder, tmp_path, vit, qformer, llm):
 
 def test_param_groups_decay_and_layer_scales(folder):
     model = Blip2OPTFinetune(pretrained=str(folder), freeze_vit=False, vit_layer_decay=0.5).model
-    groups = param_groups(model, weight_decay=0.05, vit_layer_decay=0.5)
+    groups = param_groups(model.named_parameters(), weight_decay=0.05, lr_scale=vit_layer_lr_scale(model, 0.5))
     where = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     # 2 ViT blocks: embeddings 0.5^3, block 0 0.5^2, block 1 0.5, ln_vision and the rest 1

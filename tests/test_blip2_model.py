@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from blip2 import Blip2OPT
 from blip2.config import blip2_opt_2_7b, qformer_args
-from blip2.models.qformer import QFormer
+from blip2.modules.qformer import QFormer
 from core.weights import CheckpointError
 from tests._util import randomize_, rel_err
 from tests.blip2_fixtures import (load_reference, make_tiny_blip2_folder, one_torch_thread, tiny_blip2_config,

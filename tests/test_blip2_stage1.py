@@ -1,4 +1,5 @@
-"""BLIP-2 stage 1 (``blip2.models.blip2_qformer``): features and ITM scores against transformers'
+"""BLIP-2 stage 1 (the network ``blip2.modules.blip2_qformer``, the system ``blip2.models.stage1``, the
+losses ``blip2.losses.stage1``): features and ITM scores against transformers'
 ``Blip2ForImageTextRetrieval`` on the same random weights; each loss against a plain computation
 (loops over pairs and tokens; ITG through transformers' Q-Former with a mask built by loops);
 hard-negative sampling; the UniLM mask; frozen ViT; training; the retrieval script."""
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from core.schedules import LinearWarmupCosine
-from blip2.models.blip2_qformer import Blip2Qformer
-from blip2.stage1 import sample_negatives, unilm_mask
+from blip2.losses.stage1 import sample_negatives, stage1_losses, unilm_mask
+from blip2.models.stage1 import Blip2Stage1
+from blip2.modules.blip2_qformer import Blip2Qformer
 from core.weights import CheckpointError
 from tests._util import randomize_, rel_err
 from tests.blip2_fixtures import CLIP_MEAN, CLIP_STD, one_torch_thread
@@ -57,18 +59,18 @@ def write_bert_vocab(folder: Path) -> Path:
     return folder
 
 
-def tiny_model(tokenizer: Path, seed: int = 0, randomize: bool = True, dropout: float = 0.1,
-               **kwargs) -> Blip2Qformer:
-    """A tiny stage-1 model (vocabulary: the tiny BERT words + [DEC]); ``randomize``: every parameter
-    random (parity tests), else the model's own initialisation (training tests)."""
+def tiny_system(tokenizer: Path, seed: int = 0, randomize: bool = True, dropout: float = 0.1,
+                **kwargs) -> Blip2Stage1:
+    """A tiny stage-1 system (vocabulary: the tiny BERT words + [DEC]), its network at ``.model``;
+    ``randomize``: every parameter random (parity tests), else the model's own initialisation
+    (training tests)."""
     torch.manual_seed(seed)
-    model = Blip2Qformer(VISION, qformer_config(len(WORDS) + 6, dropout), num_query_tokens=QUERIES,
-                         embed_dim=EMBED,
-                         max_txt_len=MAX_TXT, tokenizer=str(tokenizer), **kwargs)
+    system = Blip2Stage1(VISION, qformer_config(len(WORDS) + 6, dropout), num_query_tokens=QUERIES,
+                         embed_dim=EMBED, max_txt_len=MAX_TXT, tokenizer=str(tokenizer), **kwargs)
     if randomize:
-        randomize_all_(model, seed)
-        model.temp.data.fill_(0.11)
-    return model
+        randomize_all_(system.model, seed)
+        system.model.temp.data.fill_(0.11)
+    return system
 
 
 def make_retrieval_folder(path: Path, tokenizer_src: Path, seed: int = 3) -> Path:
@@ -112,7 +114,7 @@ def world(tmp_path_factory):
     enc = tok(TEXTS, padding="max_length", truncation=True, max_length=MAX_TXT, return_tensors="pt")
     pixels = torch.randn(len(TEXTS), 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)
-    out = ours.stage1_losses(pixels, TEXTS)
+    out = stage1_losses(ours, pixels, TEXTS)
     return dict(tmp=tmp, vocab=vocab, folder=folder, ref=ref, ours=ours, tok=tok, ids=enc["input_ids"],
                 mask=enc["attention_mask"], pixels=pixels, out=out)
 
@@ -144,7 +146,7 @@ def test_tokenizer_adds_dec_pads_and_truncates(world):
     ids, mask = ours.tokenize(TEXTS)
     assert ids.shape == (len(TEXTS), MAX_TXT) and ours.tokenizer.bos_token == "[DEC]"
     assert (ids[:, 0] == ours.tokenizer.cls_token_id).all() and mask[2].all() and not mask[3].all()
-    fresh = tiny_model(vocab)
+    fresh = tiny_system(vocab).model
     assert fresh.tokenizer.bos_token_id == len(WORDS) + 5  # appended after the vocabulary, as LAVIS
 
 
@@ -243,13 +245,14 @@ def test_itg_pass_is_causal_and_queries_ignore_the_text(world):
 
 # ---- frozen ViT, optimisation ---------------------------------------------------------------------
 def test_gradients_reach_the_qformer_and_ln_vision_but_not_the_vit_blocks(world):
-    model = tiny_model(world["vocab"]).train()
-    assert not model.vision_model.training and model.qformer.training
-    model.stage1_losses(world["pixels"], TEXTS).loss.backward()
-    ln_vision = set(map(id, model.vision_model.post_layernorm.parameters()))
-    frozen = [p for p in model.vision_model.parameters() if id(p) not in ln_vision]
+    model = tiny_system(world["vocab"]).train()
+    net = model.model
+    assert not net.vision_model.training and net.qformer.training
+    stage1_losses(net, world["pixels"], TEXTS).loss.backward()
+    ln_vision = set(map(id, net.vision_model.post_layernorm.parameters()))
+    frozen = [p for p in net.vision_model.parameters() if id(p) not in ln_vision]
     assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
-    trainable = model.trainable_parameters()
+    trainable = [p for _, p in model.named_trainable_parameters()]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
     assert {id(p) for p in trainable} == {id(p) for p in model.parameters()} - {id(p) for p in frozen}
     groups = model.configure_optimizers().param_groups
@@ -258,11 +261,11 @@ def test_gradients_reach_the_qformer_and_ln_vision_but_not_the_vit_blocks(world)
 
 
 def test_a_few_steps_reduce_the_losses(world):
-    model = tiny_model(world["vocab"], seed=1, randomize=False, dropout=0.0, learning_rate=5e-3).train()
+    model = tiny_system(world["vocab"], seed=1, randomize=False, dropout=0.0, learning_rate=5e-3).train()
     opt = model.configure_optimizers()
     history = []
     for _ in range(30):
-        out = model.stage1_losses(world["pixels"], TEXTS)
+        out = stage1_losses(model.model, world["pixels"], TEXTS)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -278,15 +281,16 @@ def test_trainer_steps_with_the_schedule_and_keep_the_vit(world):
 
     schedule = {"target": "core.schedules.LinearWarmupCosine",
                 "params": {"warm_up_steps": 2, "max_steps": 4, "f_start": 0.01, "f_min": 0.1}}
-    model = tiny_model(world["vocab"], seed=2, scheduler_config=schedule)
-    vit, qformer = ({k: v.clone() for k, v in part.state_dict().items()} for part in (model.vision_model.encoder,
-                                                                                       model.qformer))
+    model = tiny_system(world["vocab"], seed=2, scheduler_config=schedule)
+    net = model.model
+    vit, qformer = ({k: v.clone() for k, v in part.state_dict().items()} for part in (net.vision_model.encoder,
+                                                                                       net.qformer))
     items = [{"image": world["pixels"][i], "text_input": TEXTS[i]} for i in range(len(TEXTS))]
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, DataLoader(items, batch_size=2))
-    assert all(torch.equal(v, model.vision_model.encoder.state_dict()[k]) for k, v in vit.items())
-    assert any(not torch.equal(v, model.qformer.state_dict()[k]) for k, v in qformer.items())
+    assert all(torch.equal(v, net.vision_model.encoder.state_dict()[k]) for k, v in vit.items())
+    assert any(not torch.equal(v, net.qformer.state_dict()[k]) for k, v in qformer.items())
     assert math.isclose(trainer.optimizers[0].param_groups[0]["lr"], 1e-4 * LinearWarmupCosine(2, 4, 0.01, 0.1)(3))
     assert {"train/loss_itc", "train/loss_itm", "train/loss_itg", "train/temp"} <= set(trainer.callback_metrics)
 
@@ -310,7 +314,7 @@ def test_qformer_starts_from_bert_as_blip2_does(world, tmp_path):
     bert = randomize_all_(BertForMaskedLM(config).eval(), 9)
     bert.bert.embeddings.token_type_embeddings.weight.zero_()  # BLIP-2's Q-Former has no token types
     bert.save_pretrained(str(tmp_path / "bert"))
-    model = tiny_model(world["vocab"], randomize=False, bert_weights=str(tmp_path / "bert")).eval()
+    model = tiny_system(world["vocab"], randomize=False, bert_weights=str(tmp_path / "bert")).model.eval()
     ids, mask = model.tokenize(TEXTS)
     expected = bert.bert(input_ids=ids, attention_mask=mask).last_hidden_state
     assert rel_err(model.text_hidden(ids, mask), expected) <= 1e-5
@@ -319,11 +323,11 @@ def test_qformer_starts_from_bert_as_blip2_does(world, tmp_path):
     layer = model.qformer.encoder.layer[1]
     assert torch.equal(layer.intermediate_query.dense.weight, layer.intermediate.dense.weight)
     assert torch.equal(layer.output_query.LayerNorm.bias, layer.output.LayerNorm.bias)
-    fresh = tiny_model(world["vocab"], randomize=False)  # same seed: the cross-attention is not BERT's
+    fresh = tiny_system(world["vocab"], randomize=False).model  # same seed: the cross-attention is not BERT's
     assert torch.equal(model.qformer.encoder.layer[0].crossattention.attention.key.weight,
                        fresh.qformer.encoder.layer[0].crossattention.attention.key.weight)
     with pytest.raises(CheckpointError, match="not a BertForMaskedLM"):
-        tiny_model(world["vocab"], randomize=False, bert_weights=str(world["folder"]))
+        tiny_system(world["vocab"], randomize=False, bert_weights=str(world["folder"]))
 
 
 def test_vit_starts_from_a_blip2_folder(world, tmp_path):
@@ -332,14 +336,14 @@ def test_vit_starts_from_a_blip2_folder(world, tmp_path):
     from tests.blip2_fixtures import make_tiny_blip2_folder
 
     folder = make_tiny_blip2_folder(tmp_path / "opt", layout="prepend")
-    model = tiny_model(world["vocab"], randomize=False, vision_weights=str(folder))
+    model = tiny_system(world["vocab"], randomize=False, vision_weights=str(folder)).model
     saved = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if k.startswith("vision_model.")}
     ours = model.state_dict()
     assert saved and all(torch.equal(ours[k], v) for k, v in saved.items())
     (tmp_path / "odd").mkdir()
     save_file({"vision_model.odd": torch.zeros(1)}, str(tmp_path / "odd" / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"vision_model layout: missing .*unexpected keys 1 \(vision_model.odd"):
-        tiny_model(world["vocab"], randomize=False, vision_weights=str(tmp_path / "odd"))
+        tiny_system(world["vocab"], randomize=False, vision_weights=str(tmp_path / "odd"))
 
 
 def test_stage1_config_builds_the_paper_model():
@@ -353,13 +357,14 @@ def test_stage1_config_builds_the_paper_model():
         model = instantiate_from_config(cfg.model)
         ref = Blip2ForImageTextRetrieval(Blip2Config(
             qformer_config={"vocab_size": 30523, "use_qformer_text_input": True}, num_query_tokens=32))
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert isinstance(model, Blip2Stage1)
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert {k: v for k, v in shapes.items() if not k.startswith(("temp", "lm_head."))} == expected
     assert shapes["vision_model.embeddings.position_embedding"] == (1, 257, 1408)
     assert shapes["query_tokens"] == (1, 32, 768)
     assert shapes["lm_head.bias"] == (30523,) and shapes["vision_projection.weight"] == (256, 768)
-    assert model.max_txt_len == 32 and model.freeze_vit and model.betas == (0.9, 0.98)
+    assert model.model.max_txt_len == 32 and model.freeze_vit and model.betas == (0.9, 0.98)
     schedule = instantiate_from_config(cfg.model.params.scheduler_config)
     assert schedule(0) == 0.01 and schedule(250000) == pytest.approx(0.1) and schedule.warm_up_steps == 5000
     trainer = cfg.lightning.trainer
@@ -389,7 +394,7 @@ def test_folder_keys_are_matched_strictly(world, tmp_path):
 
 def test_bad_tokenizer_and_config_are_one_line_errors(world, tmp_path):
     with pytest.raises(ValueError, match="expected a folder with BERT tokenizer files"):
-        tiny_model(tmp_path / "nothing")
+        tiny_system(tmp_path / "nothing")
     with pytest.raises(ValueError, match="qformer_config.vocab_size is 8"):
         Blip2Qformer(VISION, qformer_config(8), num_query_tokens=QUERIES, tokenizer=str(world["vocab"]))
     with pytest.raises(ValueError, match="use_qformer_text_input"):
@@ -455,9 +460,9 @@ def test_retrieve_script_with_config_and_checkpoint(world, tmp_path, capsys):
 
     from scripts.retrieve import main
 
-    model = tiny_model(world["vocab"], seed=4).eval()
+    model = tiny_system(world["vocab"], seed=4).model.eval()
     torch.save({"state_dict": model.state_dict()}, tmp_path / "last.ckpt")
-    OmegaConf.save({"model": {"target": "blip2.models.blip2_qformer.Blip2Qformer", "params": {
+    OmegaConf.save({"model": {"target": "blip2.modules.blip2_qformer.Blip2Qformer", "params": {
         "vision_config": VISION, "qformer_config": qformer_config(len(WORDS) + 6), "num_query_tokens": QUERIES,
         "embed_dim": EMBED, "max_txt_len": MAX_TXT, "tokenizer": str(world["vocab"])}}}, tmp_path / "m.yaml")
     paths = write_images(tmp_path / "imgs", 2)

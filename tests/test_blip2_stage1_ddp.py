@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from blip2.stage1 import itc_similarities, itm_labels, sample_negatives
+from blip2.losses.stage1 import itc_similarities, itm_labels, sample_negatives, stage1_losses
 from tests._util import rel_err
-from tests.test_blip2_stage1 import IMAGE_SIZE, TEXTS, tiny_model, write_bert_vocab
+from tests.test_blip2_stage1 import IMAGE_SIZE, TEXTS, tiny_system, write_bert_vocab
 
 WORLD, LOCAL, DRAWS = 2, 2, 100
 KEY_BIAS = "attention.key.bias"  # the key projection's bias of a self- or cross-attention layer
@@ -28,8 +28,9 @@ def batch() -> tuple[torch.Tensor, list[str]]:
 
 
 def itc_step(model, pixels: torch.Tensor, texts: list[str]) -> tuple[float, dict[str, torch.Tensor]]:
-    """ITC loss of one step and the gradients it sends to the trainable parameters."""
-    out = model.stage1_losses(pixels, texts)
+    """ITC loss of one step of the network ``model`` and the gradients it sends to the trainable
+    parameters (those of a ``Blip2Stage1``: the ViT blocks are frozen)."""
+    out = stage1_losses(model, pixels, texts)
     out.loss_itc.backward()
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -38,7 +39,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    model = tiny_model(Path(tmp) / "bert", dropout=0.0)
+    model = tiny_system(Path(tmp) / "bert", dropout=0.0).model
     pixels, texts = batch()
     mine = slice(rank * LOCAL, (rank + 1) * LOCAL)
     torch.manual_seed(100 + rank)
@@ -81,7 +82,7 @@ def test_gathered_itc_loss_and_gradients_equal_the_single_process_ones(ranks):
     tmp, results = ranks
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    out, grads = itc_step(tiny_model(tmp / "bert", dropout=0.0), *batch())
+    out, grads = itc_step(tiny_system(tmp / "bert", dropout=0.0).model, *batch())
     torch.set_num_threads(previous)
     mean_loss = sum(r["loss_itc"] for r in results) / WORLD
     assert abs(mean_loss - out.loss_itc.item()) <= 1e-5 * out.loss_itc.item()

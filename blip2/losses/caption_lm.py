@@ -1,4 +1,6 @@
-"""BLIP-2's generative objective for stage 2 and caption fine-tuning (arXiv 2301.12597 Sec. 3.3).
+"""The caption loss of stage 2 and caption fine-tuning: BLIP-2's generative objective through OPT
+(arXiv 2301.12597 Sec. 3.3). (Stage 1's text-generation loss of the Q-Former is
+``blip2.losses.stage1.itg_loss``.)
 
 The visual prompt (Q query outputs) is followed by the text ``bos + prompt + caption + "\\n"``
 (right-padded, at most ``max_length`` tokens with bos, as LAVIS's ``max_txt_len``); the loss is
@@ -50,7 +52,7 @@ def caption_tokens(tokenizer: Any, texts: Sequence[str], prompt_len: int = 0, ma
     return CaptionTokens(enc["input_ids"], enc["attention_mask"], labels)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def opt_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (float32) of logits [B, Q+T, V] over [queries; text] against the
     text labels [B, T]; the Q query positions carry no labels."""
     labels = F.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=IGNORE_INDEX)  # (B, Q+T)
@@ -61,4 +63,4 @@ def caption_loss(model: Any, pixel_values: torch.Tensor, tokens: CaptionTokens) 
     """L of ``Blip2OPT`` ``model`` on images [B, 3, H, W] and their caption tokens."""
     device = pixel_values.device
     logits = model(pixel_values, tokens.input_ids.to(device), tokens.attention_mask.to(device))  # (B, Q+T, V)
-    return lm_loss(logits, tokens.labels.to(device))
+    return opt_lm_loss(logits, tokens.labels.to(device))

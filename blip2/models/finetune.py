@@ -1,8 +1,9 @@
-"""Stage-2 pre-training and caption fine-tuning of BLIP-2 OPT: the Lightning system.
+"""Stage-2 pre-training and caption fine-tuning of BLIP-2 OPT: the Lightning system around the
+network ``blip2.Blip2OPT`` (``self.model``).
 
 Li et al. 2023 (arXiv 2301.12597): stage 2 (Sec. 3.3) trains the Q-Former, its queries and the
 projection with the ViT and OPT frozen, on L = the language-modelling loss of the caption
-(``blip2.lm_loss``); caption fine-tuning (Sec. 4.2, Table 7: AdamW, lr 1e-5, 5 epochs, 364 px)
+(``blip2.losses.caption_lm.caption_loss``); caption fine-tuning (Sec. 4.2, Table 7: AdamW, lr 1e-5, 5 epochs, 364 px)
 trains the ViT too, with OPT frozen and the prompt "a photo of". The parts frozen here follow the
 config: ``freeze_vit`` (patch/position embeddings and blocks; ``ln_vision`` stays trainable, as in
 LAVIS), ``freeze_qformer`` (Q-Former and queries), ``freeze_llm`` (OPT); the projection always trains.
@@ -26,11 +27,12 @@ from torch import nn
 
 from blip2.config import normalize_config
 from blip2.inference import VQA_TEMPLATE, build_blip2_opt
-from blip2.lm_loss import caption_loss, caption_tokens, prompt_length, with_prompt
+from blip2.losses.caption_lm import caption_loss, caption_tokens, prompt_length, with_prompt
 from blip2.metrics import caption_scores, vqa_accuracy
-from blip2.models.blip2_opt import Blip2OPT
-from blip2.optim import param_groups
+from blip2.modules.blip2_opt import Blip2OPT
+from blip2.optim import vit_layer_lr_scale
 from core.config import DTYPES, instantiate_from_config
+from core.optim import build_optimizer, param_groups, set_lr
 from core.schedules import LinearWarmupCosine
 from core.weights import read_json
 
@@ -67,7 +69,8 @@ class Blip2OPTFinetune(pl.LightningModule):
     Batches: ``{"image": [B, 3, s, s], "text_input": [B captions]}`` for training; for validation
     ``{"image", "image_id", "references"}`` (captions) or ``{"image", "question", "answers"}`` (VQA).
     Optimiser: AdamW (betas 0.9 / ``beta2``), no decay on biases and norms, optional layer-wise lr
-    decay of the ViT, LAVIS's warm-up + per-epoch cosine schedule (``blip2.optim``).
+    decay of the ViT (``blip2.optim``), groups and AdamW from ``core.optim``, LAVIS's warm-up +
+    per-epoch cosine schedule (``core.schedules.LinearWarmupCosine``).
     ``learning_rate`` is the peak lr (main.py sets it from ``base_learning_rate``); ``warmup_lr`` the
     lr at step 0 (None: the peak, no warm-up), ``min_lr`` the floor of the cosine.
     """
@@ -134,17 +137,15 @@ class Blip2OPTFinetune(pl.LightningModule):
             raise ValueError(f"Blip2OPTFinetune: expected a learning rate > 0, got {self.learning_rate}")
         self.schedule = LinearWarmupCosine(self.warmup_steps, f_start=warmup_lr / self.learning_rate,
                                            f_min=self.min_lr / self.learning_rate, max_epochs=self.trainer.max_epochs)
-        groups = param_groups(self.model, self.weight_decay, self.vit_layer_decay)
-        for group in groups:
-            group["lr"] = self.learning_rate * group["lr_scale"]
-        return torch.optim.AdamW(groups, lr=self.learning_rate, betas=(0.9, self.beta2))
+        groups = param_groups(self.model.named_parameters(), self.weight_decay,
+                              lr_scale=vit_layer_lr_scale(self.model, self.vit_layer_decay))
+        return build_optimizer(groups, self.learning_rate, betas=(0.9, self.beta2))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """lr of this step = schedule(epoch, step) times each group's ``lr_scale`` (LAVIS sets it per iteration)."""
         lr = self.learning_rate * self.schedule(self.global_step, self.current_epoch)
         for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+            set_lr(optimizer, lr)
         self.log("train/lr", lr, on_step=True, batch_size=1)
 
     # ---- validation -----------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from torch import nn
 
 from blip2.config import normalize_config, opt_args, qformer_args, vision_args
 from blip2.generation import GenerationSettings, decode
-from blip2.models.eva_vit import EvaViT
-from blip2.models.opt import DecodingSession, OPTForCausalLM
-from blip2.models.qformer import QFormer
+from blip2.modules.eva_vit import EvaViT
+from blip2.modules.opt import DecodingSession, OPTForCausalLM
+from blip2.modules.qformer import QFormer
 from blip2.processors import CLIP_MEAN, CLIP_STD
 
 OPT_NEWLINE_ID = 50118  # "\n" in OPT's BPE: the caption end used by BLIP-2

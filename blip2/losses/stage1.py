@@ -1,5 +1,6 @@
 """The three stage-1 objectives of BLIP-2 (Li et al. 2023, arXiv 2301.12597, Sec. 3.2, Fig. 2) as
-pure functions over features; the system (``blip2.models.blip2_qformer``) wires them.
+pure functions over features, and ``stage1_losses``, which computes all three for the network
+``blip2.modules.blip2_qformer.Blip2Qformer`` (the system ``blip2.models.stage1.Blip2Stage1`` trains it).
 
 Notation: B pairs on this process (rank r of W), Q queries, T text tokens, E = embed_dim.
 z_i^q: normalised projected output of query q for image i, [B, Q, E]; t_j: normalised projected
@@ -19,6 +20,9 @@ without gradient, so each rank back-propagates only through its local features; 
 the same.) Every rank must hold the same batch size, as in LAVIS.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -110,8 +114,52 @@ def unilm_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
     return allowed & padding_mask(num_queries, text_mask)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Next-token cross-entropy: the logits at text position k [B, T, V] predict ``labels[:, k+1]``
-    (-100 = ignored), mean over the predicted tokens."""
+def itg_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """ITG: the Q-Former text decoder's next-token cross-entropy with label smoothing; the logits at
+    text position k [B, T, V] predict ``labels[:, k+1]`` (-100 = ignored), mean over those tokens."""
     return F.cross_entropy(rearrange(logits[:, :-1], "b t v -> (b t) v"), labels[:, 1:].reshape(-1),
                            ignore_index=-100, label_smoothing=label_smoothing)
+
+
+@dataclass
+class Stage1Output:
+    """The losses of one step and the hard negatives drawn for ITM (global indices)."""
+
+    loss: torch.Tensor
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    loss_itg: torch.Tensor
+    neg_image_idx: torch.Tensor  # (B,) the negative image of each local text
+    neg_text_idx: torch.Tensor  # (B,) the negative text of each local image
+
+
+def itm_loss(model: Any, image: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, sim_i2t: torch.Tensor,
+             sim_t2i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ITM of ``model`` over 3B pairs (pos, neg image, neg text), negatives drawn from the whole
+    global batch: (loss, negative image of each text, negative text of each image)."""
+    neg_image, neg_text = sample_negatives(sim_t2i), sample_negatives(sim_i2t)  # (B,), (B,)
+    images = torch.cat([image, gather(image)[neg_image], image])  # (3B, 1+N, D_img)
+    ids = torch.cat([input_ids, input_ids, gather(input_ids)[neg_text]])  # (3B, T)
+    masks = torch.cat([mask, mask, gather(mask)[neg_text]])  # (3B, T)
+    logits = model.itm_logits_from_embeds(images, ids, masks)  # (3B, 2)
+    return F.cross_entropy(logits, itm_labels(image.shape[0], logits.device)), neg_image, neg_text
+
+
+def stage1_losses(model: Any, pixel_values: torch.Tensor, texts: Sequence[str],
+                  label_smoothing: float = 0.1) -> Stage1Output:
+    """ITC + ITM + ITG of ``model`` (a ``Blip2Qformer``) on images [B, 3, s, s] and their captions."""
+    q = model.num_queries
+    image = model.image_embeds(pixel_values)  # (B, 1+N, D_img)
+    input_ids, mask = model.tokenize(texts)  # (B, T)
+    dec_ids = input_ids.clone()
+    dec_ids[:, 0] = model.tokenizer.bos_token_id  # [DEC] replaces [CLS]
+    # one UniLM pass: the queries never see the text, so their outputs are ITC's image features
+    hidden = model.qformer(model.queries(image.shape[0]), image, model.embeddings(dec_ids),
+                           unilm_mask(q, mask))  # (B, Q+T, D)
+    sim_i2t, sim_t2i = itc_similarities(model.project_queries(hidden[:, :q]),
+                                        model.text_features_from_ids(input_ids, mask), model.temperature())
+    loss_itc = itc_loss(sim_i2t, sim_t2i, label_smoothing)
+    loss_itm, neg_image, neg_text = itm_loss(model, image, input_ids, mask, sim_i2t, sim_t2i)
+    logits = model.lm_head(hidden[:, q:], model.embeddings.word_embeddings.weight)  # (B, T, V)
+    loss_itg = itg_loss(logits, dec_ids.masked_fill(mask == 0, -100), label_smoothing)
+    return Stage1Output(loss_itc + loss_itm + loss_itg, loss_itc, loss_itm, loss_itg, neg_image, neg_text)

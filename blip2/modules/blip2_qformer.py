@@ -1,14 +1,12 @@
-"""BLIP-2 stage 1: the Q-Former learns to pull text-relevant visual features out of a frozen image
-encoder (Li et al. 2023, arXiv 2301.12597, Sec. 3.2, Fig. 2; LAVIS ``Blip2Qformer``).
+"""The BLIP-2 stage-1 network: the Q-Former that learns to pull text-relevant visual features out of
+a frozen image encoder (Li et al. 2023, arXiv 2301.12597, Sec. 3.2, Fig. 2; LAVIS ``Blip2Qformer``),
+a plain ``nn.Module`` (its training system is ``blip2.models.stage1.Blip2Stage1``).
 
 Frozen EVA ViT -> 32 learned queries through the Q-Former (cross-attention to the image) ->
 ``vision_projection`` -> z [B, Q, E]; text -> the same Q-Former (text path, no image) ->
-``text_projection`` of [CLS] -> t [B, E]. Three losses share the Q-Former (``blip2.stage1``):
+``text_projection`` of [CLS] -> t [B, E]. Three losses share the Q-Former (``blip2.losses.stage1``):
 ITC (max over queries of <z, t> / temp), ITM (queries + text, bi-directional, 2-way head averaged
 over the queries, hard negatives) and ITG (BERT LM head under the UniLM mask, [DEC] as bos).
-Total loss = itc + itm + itg. With ``freeze_vit`` the ViT blocks are frozen (eval mode, no
-gradients) while ``ln_vision`` (``vision_model.post_layernorm``) trains, as in LAVIS, where it
-sits outside the frozen encoder.
 
 Module names follow transformers' ``Blip2ForImageTextRetrieval`` (``vision_model``,
 ``query_tokens``, ``embeddings``, ``qformer``, ``vision_projection``, ``text_projection``,
@@ -23,24 +21,20 @@ repository on the Hugging Face Hub, or the tokenizer files of ``Salesforce/blip2
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from blip2.config import activation, normalize_config, qformer_args, vision_args
 from blip2.hub import load_tokenizer
-from blip2.models.eva_vit import EvaViT
-from blip2.models.qformer import QFormer, QFormerTextEmbeddings
+from blip2.modules.eva_vit import EvaViT
+from blip2.modules.qformer import QFormer, QFormerTextEmbeddings
 from blip2.processors import CLIP_MEAN, CLIP_STD
-from blip2.stage1 import (gather, itc_loss, itc_similarities, itm_labels, lm_loss, padding_mask, sample_negatives,
-                          unilm_mask, world)
-from blip2.stage1_weights import load_bert_weights, load_retrieval_folder, load_vision_weights
-from core.config import instantiate_from_config
+from blip2.losses.stage1 import padding_mask
+from blip2.stage1_weights import load_retrieval_folder
 
 DEC_TOKEN = "[DEC]"  # LAVIS' decoder bos for ITG, added to bert-base-uncased
 STAGE1_QFORMER = dict(vocab_size=30523, use_qformer_text_input=True)  # BERT vocab + [DEC], text path on
@@ -76,18 +70,6 @@ class QFormerLMHead(nn.Module):
         return F.linear(self.LayerNorm(self.act(self.dense(x))), word_embeddings, self.bias)  # (B, T, V)
 
 
-@dataclass
-class Stage1Output:
-    """The losses of one step and the hard negatives drawn for ITM (global indices)."""
-
-    loss: torch.Tensor
-    loss_itc: torch.Tensor
-    loss_itm: torch.Tensor
-    loss_itg: torch.Tensor
-    neg_image_idx: torch.Tensor  # (B,) the negative image of each local text
-    neg_text_idx: torch.Tensor  # (B,) the negative text of each local image
-
-
 def stage1_config(vision_config: Mapping[str, Any] | None, qformer_config: Mapping[str, Any] | None,
                   num_query_tokens: int) -> dict[str, Any]:
     """A normalised BLIP-2 config (transformers field names) with the stage-1 Q-Former defaults."""
@@ -98,26 +80,19 @@ def stage1_config(vision_config: Mapping[str, Any] | None, qformer_config: Mappi
                              "num_query_tokens": num_query_tokens})
 
 
-class Blip2Qformer(pl.LightningModule):
-    """BLIP-2 stage-1 system: frozen ViT + Q-Former trained with ITC + ITM + ITG.
+class Blip2Qformer(nn.Module):
+    """BLIP-2 stage-1 network: ViT + Q-Former with the ITC projections, ITM and ITG heads.
 
     ``vision_config`` / ``qformer_config``: transformers ``Blip2Config`` fields (defaults: EVA
     ViT-g/14 at 224 px, BERT-base with 30523 tokens). ``tokenizer``: see the module notes.
-    ``learning_rate`` is the peak lr (main.py overwrites it from ``base_learning_rate``);
-    ``scheduler_config``: ``{target, params}`` of an lr multiplier (``core.schedules``).
-    Initial weights (``blip2.stage1_weights``): ``vision_weights``, a BLIP-2 Hub folder whose
-    ``vision_model.*`` (EVA ViT-g) are read; ``bert_weights``, a ``bert-base-uncased`` folder for the
-    Q-Former; otherwise BERT's random initialisation.
+    ``temp``: the initial ITC temperature. Weights start as BERT's random initialisation; the
+    Hub's retrieval folders load with ``from_pretrained``.
     """
 
     def __init__(self, vision_config: Mapping[str, Any] | None = None,
                  qformer_config: Mapping[str, Any] | None = None, num_query_tokens: int = 32,
                  embed_dim: int = 256, max_txt_len: int = 32, tokenizer: str | os.PathLike | Any = None,
-                 freeze_vit: bool = True, temp: float = 0.07, label_smoothing: float = 0.1,
-                 learning_rate: float = 1e-4, weight_decay: float = 0.05, betas: Sequence[float] = (0.9, 0.98),
-                 scheduler_config: Mapping[str, Any] | None = None, vision_weights: str | os.PathLike | None = None,
-                 bert_weights: str | os.PathLike | None = None, image_mean: Sequence[float] = CLIP_MEAN,
-                 image_std: Sequence[float] = CLIP_STD):
+                 temp: float = 0.07, image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD):
         super().__init__()
         cfg = stage1_config(vision_config, qformer_config, num_query_tokens)
         q, qcfg = qformer_args(cfg), cfg["qformer_config"]
@@ -131,21 +106,12 @@ class Blip2Qformer(pl.LightningModule):
         self.itm_head = nn.Linear(q["dim"], 2)
         self.temp = nn.Parameter(torch.tensor(float(temp)))
         self.lm_head = QFormerLMHead(q["dim"], qcfg["vocab_size"], q["eps"], q["act"])
-        self.config, self.max_txt_len, self.freeze_vit = cfg, max_txt_len, freeze_vit
-        self.label_smoothing, self.learning_rate, self.weight_decay = label_smoothing, learning_rate, weight_decay
-        self.betas, self.scheduler_config = tuple(betas), scheduler_config
+        self.config, self.max_txt_len = cfg, max_txt_len
         self.image_size, self.image_dim = vision_args(cfg)["image_size"], vision_args(cfg)["width"]
         self.initial_temp = float(temp)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.tokenizer = None if tokenizer is None else self._checked_tokenizer(bert_tokenizer(tokenizer))
-        self.vision_model.requires_grad_(not freeze_vit)
-        self.vision_model.post_layernorm.requires_grad_(True)  # ln_vision trains (LAVIS)
         self.init_weights()
-        if vision_weights is not None:
-            load_vision_weights(self, Path(vision_weights))
-        if bert_weights is not None:
-            load_bert_weights(self, Path(bert_weights))
-        self.train()
 
     # ---- construction ----------------------------------------------------------------------------
     def _checked_tokenizer(self, tokenizer: Any) -> Any:
@@ -180,21 +146,15 @@ class Blip2Qformer(pl.LightningModule):
         initial values (the folders do not hold them). ``kwargs``: further constructor arguments."""
         return load_retrieval_folder(cls, Path(folder), device, **kwargs)
 
-    def train(self, mode: bool = True) -> "Blip2Qformer":
-        """A frozen ViT stays in eval mode (paper: frozen image encoder)."""
-        super().train(mode)
-        if self.freeze_vit:
-            self.vision_model.eval()
-        return self
-
     # ---- features ----------------------------------------------------------------------------------
     @property
     def num_queries(self) -> int:
         return self.query_tokens.shape[1]
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """ln_vision(ViT(pixels)) [B, 1+N, D_img]. With a frozen ViT autograd records nothing before
-        ``ln_vision`` (no block input or weight needs a gradient), so the blocks cost no memory."""
+        """ln_vision(ViT(pixels)) [B, 1+N, D_img]. With a frozen ViT (``Blip2Stage1``) autograd records
+        nothing before ``ln_vision`` (no block input or weight needs a gradient), so the blocks cost
+        no memory."""
         return self.vision_model(pixel_values)
 
     def queries(self, batch: int) -> torch.Tensor:
@@ -247,71 +207,6 @@ class Blip2Qformer(pl.LightningModule):
         logits = self.itm_logits_from_embeds(self.image_embeds(pixel_values), *self.tokenize(texts))
         return logits.softmax(dim=-1)[:, 1]
 
-    # ---- training ----------------------------------------------------------------------------------
     def temperature(self) -> torch.Tensor:
         """tau, kept in BLIP's bounds [0.001, 0.5] (LAVIS' Blip2Qformer sets none; 0.07 stays inside)."""
         return self.temp.clamp(0.001, 0.5)
-
-    def stage1_losses(self, pixel_values: torch.Tensor, texts: Sequence[str]) -> Stage1Output:
-        """ITC + ITM + ITG on a batch of images [B, 3, s, s] and their captions."""
-        image = self.image_embeds(pixel_values)  # (B, 1+N, D_img)
-        input_ids, mask = self.tokenize(texts)  # (B, T)
-        dec_ids = input_ids.clone()
-        dec_ids[:, 0] = self.tokenizer.bos_token_id  # [DEC] replaces [CLS]
-        # one UniLM pass: the queries never see the text, so their outputs are ITC's image features
-        hidden = self.qformer(self.queries(image.shape[0]), image, self.embeddings(dec_ids),
-                              unilm_mask(self.num_queries, mask))  # (B, Q+T, D)
-        sim_i2t, sim_t2i = itc_similarities(self.project_queries(hidden[:, :self.num_queries]),
-                                            self.text_features_from_ids(input_ids, mask), self.temperature())
-        loss_itc = itc_loss(sim_i2t, sim_t2i, self.label_smoothing)
-        loss_itm, neg_image, neg_text = self.itm_loss(image, input_ids, mask, sim_i2t, sim_t2i)
-        logits = self.lm_head(hidden[:, self.num_queries:], self.embeddings.word_embeddings.weight)  # (B, T, V)
-        loss_itg = lm_loss(logits, dec_ids.masked_fill(mask == 0, -100), self.label_smoothing)
-        return Stage1Output(loss_itc + loss_itm + loss_itg, loss_itc, loss_itm, loss_itg, neg_image, neg_text)
-
-    def itm_loss(self, image: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, sim_i2t: torch.Tensor,
-                 sim_t2i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ITM over 3B pairs (pos, neg image, neg text) with negatives drawn from the whole global batch."""
-        neg_image, neg_text = sample_negatives(sim_t2i), sample_negatives(sim_i2t)  # (B,), (B,)
-        images = torch.cat([image, gather(image)[neg_image], image])  # (3B, 1+N, D_img)
-        ids = torch.cat([input_ids, input_ids, gather(input_ids)[neg_text]])  # (3B, T)
-        masks = torch.cat([mask, mask, gather(mask)[neg_text]])  # (3B, T)
-        logits = self.itm_logits_from_embeds(images, ids, masks)  # (3B, 2)
-        return F.cross_entropy(logits, itm_labels(image.shape[0], logits.device)), neg_image, neg_text
-
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.stage1_losses(batch["image"], batch["text_input"])
-        self.log_losses("train", out, batch["image"].shape[0])
-        return out.loss
-
-    @torch.no_grad()
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self.log_losses("val", self.stage1_losses(batch["image"], batch["text_input"]), batch["image"].shape[0])
-
-    def log_losses(self, split: str, out: Stage1Output, batch_size: int) -> None:
-        losses = {"loss": out.loss, "loss_itc": out.loss_itc, "loss_itm": out.loss_itm, "loss_itg": out.loss_itg}
-        self.log_dict({f"{split}/{k}": v.detach() for k, v in losses.items()}, prog_bar=split == "train",
-                      batch_size=batch_size, sync_dist=split == "val" and world()[1] > 1)
-        if split == "train":
-            self.log("train/temp", self.temperature().detach(), batch_size=batch_size)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The Q-Former side (queries, text embeddings, Q-Former, projections, heads, temperature) and
-        ``ln_vision``; the whole ViT when it is not frozen."""
-        vision = self.vision_model.post_layernorm if self.freeze_vit else self.vision_model
-        parts = [vision, self.embeddings, self.qformer, self.vision_projection, self.text_projection, self.itm_head,
-                 self.lm_head]
-        return [self.query_tokens, self.temp] + [p for part in parts for p in part.parameters()]
-
-    def configure_optimizers(self):
-        """AdamW (paper: betas (0.9, 0.98), weight decay 0.05) without decay on biases, norms and the
-        temperature (LAVIS: parameters with fewer than 2 dimensions), per-step lr schedule."""
-        params = self.trainable_parameters()
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas)
-        if self.scheduler_config is None:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=instantiate_from_config(self.scheduler_config))
-        return [opt], [{"scheduler": sched, "interval": "step", "frequency": 1}]
-
