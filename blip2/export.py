@@ -8,7 +8,8 @@ The folder (the layout of the Hub's ``Salesforce/blip2-opt-*``):
 3. the tokenizer files (``save_pretrained`` of the model's tokenizer);
 4. ``preprocessor_config.json``: ``BlipImageProcessor`` settings (size, mean, std, bicubic).
 
-From a training checkpoint of ``Blip2OPTFinetune`` (``state_dict`` ``model.*`` plus ``blip2_config``):
+From a training checkpoint of ``Blip2OPTFinetune`` (``state_dict`` ``model.*`` plus ``blip2_config``),
+read by ``blip2.loading.load_blip2``; bad input is one line on stderr and exit status 2:
 
     python -m blip2.export --ckpt logs/<run>/checkpoints/last.ckpt --tokenizer <hf folder> --out <folder>
 """
@@ -21,14 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
-
 from blip2.config import normalize_config
-from blip2.hub import TIED, assign_weights, load_tokenizer
+from blip2.hub import TIED
+from blip2.loading import load_blip2
 from blip2.modules.blip2_opt import Blip2OPT
-from core.weights import CheckpointError, atomic_path, load_checkpoint, save_checkpoint
-
-MODEL_PREFIX = "model."
+from core.cli import run_cli
+from core.weights import atomic_path, save_checkpoint
 
 
 def hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,35 +75,25 @@ def export_checkpoint(ckpt: str | os.PathLike, folder: str | os.PathLike, tokeni
                       image_size: int | None = None) -> Path:
     """A ``Blip2OPTFinetune`` checkpoint -> an HF folder; ``tokenizer``: a folder with the tokenizer
     files; ``image_size``: the training resolution (default: the config's)."""
-    obj = load_checkpoint(ckpt)
-    if "blip2_config" not in obj or "state_dict" not in obj:
-        raise CheckpointError(f"{ckpt}: not a Blip2OPTFinetune checkpoint (no 'blip2_config' / 'state_dict')")
-    state = {k[len(MODEL_PREFIX):]: v for k, v in obj["state_dict"].items() if k.startswith(MODEL_PREFIX)}
-    tok = load_tokenizer(Path(tokenizer))
-    if tok is None:
-        raise ValueError(f"{tokenizer}: no tokenizer files (tokenizer.json / vocab.json) in the folder")
-    with torch.device("meta"):
-        model = Blip2OPT.from_config(obj["blip2_config"], tokenizer=tok)
-    model = assign_weights(model, str(ckpt), set(state), state.__getitem__, "cpu").eval()
-    if image_size is not None:
-        model.image_size = image_size
-    return save_pretrained(model, obj["blip2_config"], folder)
+    model, _ = load_blip2(ckpt, tokenizer=tokenizer, image_size=image_size)
+    return save_pretrained(model, model.config, folder)
 
 
-def main(argv: Sequence[str]) -> int:
+def run(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(description="Blip2OPTFinetune checkpoint -> Hugging Face folder")
     p.add_argument("--ckpt", required=True, help="training checkpoint (last.ckpt)")
     p.add_argument("--tokenizer", required=True, help="folder with the tokenizer files (e.g. the base HF folder)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the config's)")
     args = p.parse_args(argv)
-    try:
-        export_checkpoint(args.ckpt, args.out, args.tokenizer, args.image_size)
-    except ValueError as err:
-        print(f"blip2.export: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 1
+    export_checkpoint(args.ckpt, args.out, args.tokenizer, args.image_size)
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``run``; bad input is one line on stderr and exit status 2 (``core.cli``)."""
+    return run_cli("blip2.export", run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -89,7 +89,8 @@ def image_settings(folder: Path, default_size: int) -> dict[str, Any]:
 
 
 def load_pretrained(cls: type, folder: str | os.PathLike, dtype: torch.dtype, device: str | torch.device):
-    """Build ``cls`` (``Blip2OPT``) from a Hub folder: see the module docstring."""
+    """Build ``cls`` (``Blip2OPT``) from a Hub folder: see the module docstring. On the meta device
+    the weights are not read: the folder's architecture, tokenizer and image settings alone."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")
@@ -98,4 +99,6 @@ def load_pretrained(cls: type, folder: str | os.PathLike, dtype: torch.dtype, de
     model = cls.from_config(config, dtype=dtype, device="meta", tokenizer=tokenizer)
     for name, value in image_settings(folder, model.image_size).items():
         setattr(model, name, value)
+    if torch.device(device).type == "meta":
+        return model.eval()
     return load_safetensors(model, folder, device).eval()

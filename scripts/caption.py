@@ -6,8 +6,11 @@
         --num_beams 5 --length_penalty -1 --max_new_tokens 10 --output answers.csv
 
 Inputs are image files, folders (searched recursively by extension) and list files (one image
-path a line). Unreadable images are reported on stderr by name and skipped; the exit code is 1
-when any failed.
+path a line). The model: a Hugging Face folder (``--model``), or ``--config`` with ``--ckpt``: a
+yaml whose ``model`` builds a ``Blip2OPT`` or a ``Blip2OPTFinetune`` (e.g. the config ``main.py``
+saved in the run folder) and its weights or Lightning checkpoint (``blip2.loading.load_blip2``).
+Unreadable images are reported on stderr by name and skipped; the exit code is then 1. Bad input
+is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -18,13 +21,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core.config import DTYPES  # noqa: E402
-from blip2.inference import (  # noqa: E402
-    VQA_TEMPLATE, batches, collect_inputs, describe, load_batch, load_captioner, read_questions,
-    record_writer, records, write_sidecar,
+from blip2.captioning import (
+    VQA_TEMPLATE, batches, collect_inputs, describe, load_batch, read_questions, record_writer, records,
+    write_sidecar,
 )
+from blip2.loading import load_blip2
+from core.cli import run_cli
+from core.config import DTYPES
 
 GENERATION_FLAGS = {  # name: type; None leaves the model's generation config in charge
     "num_beams": int, "max_new_tokens": int, "min_new_tokens": int, "length_penalty": float,
@@ -38,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("inputs", nargs="+", help="image files, folders or list files")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a Hugging Face BLIP-2 OPT folder (config.json, safetensors, tokenizer)")
-    src.add_argument("--config", help="an OmegaConf yaml whose 'model' builds a Blip2OPT (with --ckpt)")
-    p.add_argument("--ckpt", help="weights for --config (.ckpt or .safetensors)")
+    src.add_argument("--config", help="a yaml whose 'model' builds a Blip2OPT or Blip2OPTFinetune (with --ckpt)")
+    p.add_argument("--ckpt", help="weights for --config (.safetensors, .ckpt, or a Lightning checkpoint)")
     p.add_argument("--prompt", default=None, help='caption prefix, e.g. "a photo of" (not echoed back)')
     p.add_argument("--question", default=None, help="VQA: ask this about every image")
     p.add_argument("--questions", default=None, help="VQA: a file of questions, one a line, asked of every image")
@@ -65,6 +68,8 @@ def generation_options(opt: argparse.Namespace) -> dict:
 
 
 def check(opt: argparse.Namespace, questions: list[str]) -> None:
+    if opt.model and not Path(opt.model).is_dir():
+        raise ValueError(f"{opt.model}: model folder not found")
     if opt.config and not opt.ckpt:
         raise ValueError("--config needs --ckpt (the weights to load into the model it builds)")
     if opt.ckpt and not opt.config:
@@ -97,7 +102,7 @@ def run(opt: argparse.Namespace) -> int:
     questions = read_questions(opt.question, opt.questions)
     check(opt, questions)
     paths = collect_inputs(opt.inputs)
-    model, processor = load_captioner(opt.model, opt.config, opt.ckpt, DTYPES[opt.dtype], opt.device)
+    model, processor = load_blip2(opt.model or opt.ckpt, opt.config, dtype=DTYPES[opt.dtype], device=opt.device)
     torch.manual_seed(opt.seed)
     gen = generation_options(opt)
     fields = ["image", "question", "answer"] if questions else ["image", "prompt", "caption"]
@@ -109,16 +114,16 @@ def run(opt: argparse.Namespace) -> int:
     return failed
 
 
-def main(argv: list[str] | None = None) -> int:
-    opt = parse_args(argv)
-    try:
-        failed = run(opt)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"caption.py: error: {err}", file=sys.stderr)
-        return 2
+def caption(argv: list[str]) -> int:
+    """Exit code 0, or 1 when some images could not be read."""
+    failed = run(parse_args(argv))
     if failed:
         print(f"caption.py: {failed} image(s) could not be read, see above", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("caption.py", caption, argv)
 
 
 if __name__ == "__main__":

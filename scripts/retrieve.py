@@ -6,7 +6,11 @@ for each text by ITC similarity (max over queries of the cosine), optionally re-
     python scripts/retrieve.py --config configs/blip2/pretrain_stage1.yaml --ckpt logs/run/checkpoints/last.ckpt \
         --images a.jpg list.txt --texts_file captions.txt --itm_top_k 5
 
+The model (``blip2.loading.load_blip2``): a Hugging Face folder (``--model``), or ``--config`` with
+``--ckpt``: a yaml whose ``model`` builds a ``Blip2Qformer`` or the stage-1 system ``Blip2Stage1``
+(e.g. configs/blip2/pretrain_stage1.yaml) and its weights or Lightning checkpoint.
 Images: files, folders (recursive) and list files; an unreadable image is an error naming it.
+Bad input is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -16,23 +20,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from blip2.inference import batches, collect_inputs  # noqa: E402
-from blip2.modules.blip2_qformer import Blip2Qformer  # noqa: E402
-from blip2.processors import PREPROCESSOR_FILE, Blip2ImageProcessor  # noqa: E402
-from core.weights import load_state_dict, load_strict  # noqa: E402
-from core.images import load_rgb  # noqa: E402
-from core.config import load_config  # noqa: E402
-from core.config import instantiate_from_config  # noqa: E402
+from blip2.captioning import batches, collect_inputs
+from blip2.loading import load_blip2
+from blip2.modules.blip2_qformer import Blip2Qformer
+from blip2.processors import Blip2ImageProcessor
+from core.cli import run_cli
+from core.images import load_rgb
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a Hugging Face Blip2ForImageTextRetrieval folder")
-    src.add_argument("--config", help="an OmegaConf yaml whose 'model' builds a Blip2Qformer network (with --ckpt)")
-    p.add_argument("--ckpt", help="weights for --config (.ckpt or .safetensors)")
+    src.add_argument("--config", help="a yaml whose 'model' builds a Blip2Qformer or Blip2Stage1 (with --ckpt)")
+    p.add_argument("--ckpt", help="weights for --config (.safetensors, .ckpt, or a Lightning checkpoint)")
     p.add_argument("--images", nargs="+", required=True, help="image files, folders or list files")
     p.add_argument("--texts", nargs="*", default=[], help="candidate texts")
     p.add_argument("--texts_file", help="a file of candidate texts, one a line")
@@ -58,21 +59,9 @@ def read_texts(opt: argparse.Namespace) -> list[str]:
 
 def load_model(opt: argparse.Namespace) -> tuple[Blip2Qformer, Blip2ImageProcessor]:
     """(model, image processor) from a Hub folder, or from a yaml plus a checkpoint (strict keys)."""
-    if opt.model is not None:
-        model = Blip2Qformer.from_pretrained(opt.model, device=opt.device)
-        if (Path(opt.model) / PREPROCESSOR_FILE).is_file():
-            return model, Blip2ImageProcessor.from_folder(opt.model)
-    else:
-        if not opt.ckpt:
-            raise ValueError("--config needs --ckpt (the weights to load into the model it builds)")
-        model_config = load_config([opt.config]).model
-        with torch.device("meta"):
-            model = instantiate_from_config(model_config)
-        model = model.to_empty(device=opt.device)
-        load_strict(model, load_state_dict(opt.ckpt), str(opt.ckpt))
-    if model.tokenizer is None:
-        raise ValueError(f"{opt.model or opt.config}: the model has no tokenizer (tokenizer files / params.tokenizer)")
-    return model.eval(), Blip2ImageProcessor(model.image_size, model.image_mean, model.image_std)
+    if opt.config and not opt.ckpt:
+        raise ValueError("--config needs --ckpt (the weights to load into the model it builds)")
+    return load_blip2(opt.model or opt.ckpt, opt.config, network=Blip2Qformer, device=opt.device)
 
 
 @torch.no_grad()
@@ -129,12 +118,8 @@ def run(opt: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run; a bad input is one line on stderr and exit status 1."""
-    try:
-        return run(parse_args(argv))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"retrieve.py: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
+    """Run; a bad input is one line on stderr and exit status 2 (``core.cli``)."""
+    return run_cli("retrieve.py", lambda args: run(parse_args(args)), argv)
 
 
 if __name__ == "__main__":

@@ -319,4 +319,4 @@ def test_export_loads_in_blip2_and_transformers(folder, tmp_path):
     valid = torch.cat([torch.ones(2, q, dtype=torch.bool), mask.bool()], 1)
     assert rel_err(logits[valid], expected[valid]) <= 1e-5 and torch.equal(logits, trained_logits)
     shutil.rmtree(out)
-    assert export_main(["--ckpt", str(tmp_path / "none.ckpt"), "--tokenizer", str(folder), "--out", str(out)]) == 1
+    assert export_main(["--ckpt", str(tmp_path / "none.ckpt"), "--tokenizer", str(folder), "--out", str(out)]) == 2

@@ -455,16 +455,23 @@ def test_retrieve_script_ranks_like_the_model(world, tmp_path, capsys):
     assert [e[0] for e in t2i[texts[0]]][2:] == [str(paths[k]) for k in itc[:, 0].argsort(descending=True)[2:].tolist()]
 
 
-def test_retrieve_script_with_config_and_checkpoint(world, tmp_path, capsys):
+@pytest.mark.parametrize("target", ["blip2.modules.blip2_qformer.Blip2Qformer", "blip2.models.stage1.Blip2Stage1"])
+def test_retrieve_script_with_config_and_checkpoint(world, tmp_path, capsys, target):
+    """The network's own weights, or a Lightning checkpoint of the system (``model.*``) with its
+    training config, whose start weights (absent here) are not read."""
     from omegaconf import OmegaConf
 
     from scripts.retrieve import main
 
-    model = tiny_system(world["vocab"], seed=4).model.eval()
-    torch.save({"state_dict": model.state_dict()}, tmp_path / "last.ckpt")
-    OmegaConf.save({"model": {"target": "blip2.modules.blip2_qformer.Blip2Qformer", "params": {
+    system = tiny_system(world["vocab"], seed=4).eval()
+    model = system.model
+    system_config = target.endswith("Blip2Stage1")
+    torch.save({"state_dict": (system if system_config else model).state_dict()}, tmp_path / "last.ckpt")
+    start = {"vision_weights": str(tmp_path / "absent"), "bert_weights": str(tmp_path / "absent")}
+    OmegaConf.save({"model": {"target": target, "params": {
         "vision_config": VISION, "qformer_config": qformer_config(len(WORDS) + 6), "num_query_tokens": QUERIES,
-        "embed_dim": EMBED, "max_txt_len": MAX_TXT, "tokenizer": str(world["vocab"])}}}, tmp_path / "m.yaml")
+        "embed_dim": EMBED, "max_txt_len": MAX_TXT, "tokenizer": str(world["vocab"]),
+        **(start if system_config else {})}}}, tmp_path / "m.yaml")
     paths = write_images(tmp_path / "imgs", 2)
     assert main(["--config", str(tmp_path / "m.yaml"), "--ckpt", str(tmp_path / "last.ckpt"), "--images",
                  *map(str, paths), "--texts", *TEXTS[:2], "--device", "cpu"]) == 0
@@ -477,5 +484,5 @@ def test_retrieve_script_with_config_and_checkpoint(world, tmp_path, capsys):
         itc = model.similarity(model.image_features(pixels), model.text_features(TEXTS[:2]))
     got = parse_table(printed, "image -> text")[str(paths[0])]
     assert [e[1] for e in got] == pytest.approx(sorted(itc[0].tolist(), reverse=True), abs=1e-4)
-    assert main(["--config", str(tmp_path / "m.yaml"), "--images", str(paths[0]), "--texts", "x"]) == 1
+    assert main(["--config", str(tmp_path / "m.yaml"), "--images", str(paths[0]), "--texts", "x"]) == 2
     assert "--config needs --ckpt" in capsys.readouterr().err

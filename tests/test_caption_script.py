@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from blip2 import Blip2OPT
-from blip2.inference import batches, collect_inputs, load_batch
+from blip2.captioning import batches, collect_inputs, load_batch
 from blip2.processors import Blip2ImageProcessor
 from tests.blip2_fixtures import make_tiny_blip2_folder
 
@@ -112,7 +112,7 @@ def test_config_and_ckpt_give_the_same_captions(world, tmp_path, capsys):
     model_dir, images, _ = world
     config = json.loads((model_dir / "config.json").read_text())
     params = {"config": config, "tokenizer": str(model_dir)}
-    yaml = {"model": {"target": "blip2.inference.build_blip2_opt", "params": params}}
+    yaml = {"model": {"target": "blip2.loading.build_blip2_opt", "params": params}}
     (tmp_path / "c.yaml").write_text(json.dumps(yaml))
     args = [str(images / "grey.jpg"), str(images / "alpha.png"), "--max_new_tokens", "5"]
     assert _main()([*args, "--model", str(model_dir), "--output", str(tmp_path / "a.jsonl")]) == 0
@@ -122,10 +122,36 @@ def test_config_and_ckpt_give_the_same_captions(world, tmp_path, capsys):
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 2
 
 
+def test_lightning_checkpoint_with_its_training_config(world, tmp_path):
+    """A ``Blip2OPTFinetune`` checkpoint of main.py (``model.*`` weights) with the config that trained
+    it: the captions of the trained weights (the config's pretrained folder only gives the shapes)."""
+    import torch
+
+    from blip2.models.finetune import Blip2OPTFinetune
+
+    model_dir, images, _ = world
+    module = Blip2OPTFinetune(pretrained=str(model_dir), prompt="a photo of")
+    with torch.no_grad():
+        module.model.language_projection.weight.mul_(-2.0)  # "trained": unlike the folder's weights
+    torch.save({"state_dict": module.state_dict(), "blip2_config": module.blip2_config, "global_step": 3},
+               tmp_path / "last.ckpt")
+    params = {"pretrained": str(model_dir), "prompt": "a photo of"}
+    (tmp_path / "c.yaml").write_text(json.dumps({"model": {"target": "blip2.models.finetune.Blip2OPTFinetune",
+                                                           "params": params}}))
+    inputs = [images / "grey.jpg", images / "alpha.png"]
+    assert _main()([*map(str, inputs), "--config", str(tmp_path / "c.yaml"), "--ckpt", str(tmp_path / "last.ckpt"),
+                    "--max_new_tokens", "5", "--output", str(tmp_path / "a.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    pixels = Blip2ImageProcessor.from_folder(model_dir)(load_batch(inputs)[1])
+    trained = module.model.eval().generate(pixels, max_new_tokens=5)
+    assert [r["caption"] for r in rows] == trained
+    assert trained != Blip2OPT.from_pretrained(model_dir).generate(pixels, max_new_tokens=5)
+
+
 def test_ckpt_of_another_size_is_one_line(world, tmp_path, capsys):
     model_dir, images, _ = world
     preset = {"target": "blip2.config.blip2_opt_2_7b", "params": {"image_size": 364}}
-    model = {"target": "blip2.inference.build_blip2_opt", "params": {"config": preset, "tokenizer": str(model_dir)}}
+    model = {"target": "blip2.loading.build_blip2_opt", "params": {"config": preset, "tokenizer": str(model_dir)}}
     (tmp_path / "c.yaml").write_text(json.dumps({"model": model}))
     ckpt = model_dir / "model.safetensors"
     assert _main()([str(images), "--config", str(tmp_path / "c.yaml"), "--ckpt", str(ckpt)]) == 2

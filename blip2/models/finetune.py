@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from blip2.config import normalize_config
-from blip2.inference import VQA_TEMPLATE, build_blip2_opt
+from blip2.loading import build_blip2_opt
 from blip2.losses.caption_lm import caption_loss, caption_tokens, prompt_length, with_prompt
 from blip2.metrics import caption_scores, vqa_accuracy
-from blip2.modules.blip2_opt import Blip2OPT
+from blip2.modules.blip2_opt import VQA_TEMPLATE, Blip2OPT
 from blip2.optim import vit_layer_lr_scale
 from core.config import DTYPES, instantiate_from_config
 from core.optim import build_optimizer, param_groups, set_lr
@@ -47,11 +47,13 @@ def _plain(value: Any) -> Any:
 def load_model(pretrained: str | None, config: Mapping | None, tokenizer: str | None) -> tuple[Blip2OPT, dict]:
     """(model, its normalised ``Blip2Config`` dict): a Hub HF folder, or random weights of ``config``
     (a ``Blip2Config`` dict or the ``target``/``params`` of a function returning one) with the
-    tokenizer of the folder ``tokenizer``."""
+    tokenizer of the folder ``tokenizer``. On the meta device (``blip2.loading`` builds the system
+    there) no weights are read."""
     if (pretrained is None) == (config is None):
         raise ValueError("Blip2OPTFinetune: give exactly one of 'pretrained' (an HF folder) or 'config'")
     if pretrained is not None:
-        return Blip2OPT.from_pretrained(pretrained), normalize_config(read_json(Path(pretrained) / "config.json"))
+        model = Blip2OPT.from_pretrained(pretrained, device=torch.get_default_device())
+        return model, normalize_config(read_json(Path(pretrained) / "config.json"))
     config = _plain(config)
     config = instantiate_from_config(config) if "target" in config else config
     return build_blip2_opt(config, tokenizer), normalize_config(config)

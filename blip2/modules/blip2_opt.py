@@ -23,6 +23,7 @@ from blip2.modules.qformer import QFormer
 from blip2.processors import CLIP_MEAN, CLIP_STD
 
 OPT_NEWLINE_ID = 50118  # "\n" in OPT's BPE: the caption end used by BLIP-2
+VQA_TEMPLATE = "Question: {} Answer:"  # BLIP-2's zero-shot VQA prompt
 
 
 def newline_token_id(tokenizer: Any) -> int:
@@ -61,6 +62,7 @@ class Blip2OPT(nn.Module):
         self.image_token_index, self.bos_token_id, self.pad_token_id = image_token_index, bos_token_id, pad_token_id
         self.eos_token_id, self.tokenizer = eos_token_id, tokenizer
         self.image_size, self.image_mean, self.image_std = image_size, tuple(image_mean), tuple(image_std)
+        self.config: dict[str, Any] | None = None  # the normalised Blip2Config of ``from_config``
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any, dtype: torch.dtype = torch.float32,
@@ -77,6 +79,7 @@ class Blip2OPT(nn.Module):
             model = cls(EvaViT(**vision_args(cfg)), QFormer(**qformer_args(cfg)), OPTForCausalLM(**opt_args(cfg)),
                         cfg["num_query_tokens"], cfg["image_token_index"], text["bos_token_id"],
                         text["pad_token_id"], **inputs)
+        model.config = cfg
         return model.set_precision(dtype).eval()
 
     @classmethod
@@ -150,7 +153,7 @@ class Blip2OPT(nn.Module):
         return self.decode_text(ids, self.generation_settings(generation_config, **options).eos_token_id)
 
     def answer(self, pixel_values: torch.Tensor, questions: str | Sequence[str],
-               template: str = "Question: {} Answer:", **options: Any) -> list[str]:
+               template: str = VQA_TEMPLATE, **options: Any) -> list[str]:
         """Zero-shot VQA: each question put into ``template`` as the prompt."""
         questions = [questions] * pixel_values.shape[0] if isinstance(questions, str) else list(questions)
         return self.generate(pixel_values, [template.format(q) for q in questions], **options)

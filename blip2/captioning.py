@@ -1,5 +1,6 @@
-"""Pieces of ``scripts/caption.py``: loading a captioner, collecting images, loading a batch that may
-hold bad files, captioning or answering a batch, and writing records (JSONL / CSV) and sidecars."""
+"""The pieces of ``scripts/caption.py`` (the model comes from ``blip2.loading.load_blip2``): collecting
+images, loading a batch that may hold bad files, captioning or answering a batch, and writing
+records (JSONL / CSV) and sidecars."""
 from __future__ import annotations
 
 import contextlib
@@ -12,52 +13,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from PIL import Image
 
-from blip2.hub import assign_weights, load_tokenizer
-from blip2.modules.blip2_opt import Blip2OPT
-from blip2.processors import PREPROCESSOR_FILE, Blip2ImageProcessor
-from core.weights import atomic_path, load_state_dict
+from blip2.modules.blip2_opt import VQA_TEMPLATE, Blip2OPT
 from core.images import ImageLoadError, is_image_file, list_images, load_rgb
-from core.config import load_config
-from core.config import instantiate_from_config
-
-VQA_TEMPLATE = "Question: {} Answer:"
-
-
-def build_blip2_opt(config: Mapping[str, Any], tokenizer: str | None = None) -> Blip2OPT:
-    """YAML target for ``--config``: a ``Blip2OPT`` with random weights, on the current default
-    device. ``config``: a ``Blip2Config`` dict, or ``target``/``params`` of a function that returns
-    one (e.g. ``blip2.config.blip2_opt_2_7b``); ``tokenizer``: a folder with tokenizer files."""
-    cfg = instantiate_from_config(config) if "target" in config else dict(config)
-    tok = load_tokenizer(Path(tokenizer)) if tokenizer else None
-    if tokenizer and tok is None:
-        raise ValueError(f"{tokenizer}: no tokenizer files (tokenizer.json / vocab.json) in the folder")
-    return Blip2OPT.from_config(cfg, device=torch.get_default_device(), **({"tokenizer": tok} if tok else {}))
-
-
-def _load_weights(model: Blip2OPT, ckpt: str | os.PathLike, dtype: torch.dtype, device: str) -> Blip2OPT:
-    """Strictly load ``ckpt`` (Blip2ForConditionalGeneration keys) into a meta-device model, each
-    tensor cast to its part's precision (``dtype``; the Q-Former stays fp32) on ``device``."""
-    state = load_state_dict(ckpt)
-    return assign_weights(model.set_precision(dtype), str(ckpt), set(state), state.__getitem__, device).eval()
-
-
-def load_captioner(model_dir: str | None, config: str | None, ckpt: str | None, dtype: torch.dtype,
-                   device: str) -> tuple[Blip2OPT, Blip2ImageProcessor]:
-    """(model, image processor) from a Hub folder, or from a yaml (``model``: target/params) plus
-    a checkpoint. The processor reads the folder's ``preprocessor_config.json`` when there is one."""
-    if model_dir is not None:
-        if not Path(model_dir).is_dir():
-            raise ValueError(f"{model_dir}: model folder not found")
-        model = Blip2OPT.from_pretrained(model_dir, dtype=dtype, device=device)
-    else:
-        with torch.device("meta"):
-            model = instantiate_from_config(load_config([config]).model)
-        model = _load_weights(model, ckpt, dtype, device)
-    if model.tokenizer is None:
-        raise ValueError(f"{model_dir or config}: the model has no tokenizer (tokenizer files / params.tokenizer)")
-    if model_dir is not None and (Path(model_dir) / PREPROCESSOR_FILE).is_file():
-        return model, Blip2ImageProcessor.from_folder(model_dir)
-    return model, Blip2ImageProcessor(model.image_size, model.image_mean, model.image_std)
+from core.weights import atomic_path
 
 
 def _read_lines(path: Path, what: str) -> list[str]:

@@ -1,0 +1,136 @@
+"""The one loader of the BLIP-2 family: ``load_blip2(source, ...) -> (network, image processor)``,
+used by ``scripts/caption.py``, ``scripts/retrieve.py`` and ``blip2.export``.
+
+``network`` names the network wanted: ``Blip2OPT`` (captioning, VQA; the default) or
+``Blip2Qformer`` (stage 1, retrieval). ``source`` is one of:
+
+1. a Hugging Face folder: ``network.from_pretrained`` (``blip2.hub`` / ``blip2.stage1_weights``),
+   the image processor from its ``preprocessor_config.json`` when it has one;
+2. a weight file with ``config`` (a YAML path or a loaded config) whose ``model`` builds the
+   network, or one of our systems that holds it as ``.model`` (``Blip2OPTFinetune``,
+   ``Blip2Stage1``; e.g. the config ``main.py`` saved in the run folder). It is built on the meta
+   device without its start weights (an HF folder's tensors, ``vision_weights``,
+   ``bert_weights``); the file holds the network's keys (``.safetensors``, a ``state_dict``) or is
+   a Lightning checkpoint of a system (``state_dict`` ``model.*``), and loads strictly;
+3. a Lightning checkpoint of ``Blip2OPTFinetune`` alone: self-describing (``blip2_config``), with
+   the tokenizer from the folder ``tokenizer``.
+
+Weight files are read with ``core.weights`` (``weights_only``; one-line errors naming the file).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from blip2.hub import assign_weights, load_tokenizer
+from blip2.modules.blip2_opt import Blip2OPT
+from blip2.modules.blip2_qformer import Blip2Qformer
+from blip2.processors import PREPROCESSOR_FILE, Blip2ImageProcessor
+from core.config import instantiate_from_config, load_config
+from core.weights import CheckpointError, load_checkpoint, load_state_dict, load_strict
+
+MODEL_PREFIX = "model."  # our systems hold their network as ``self.model``
+START_WEIGHTS = ("vision_weights", "bert_weights")  # Blip2Stage1's: the weight file replaces them
+
+
+def build_blip2_opt(config: Mapping[str, Any], tokenizer: str | None = None) -> Blip2OPT:
+    """YAML target: a ``Blip2OPT`` with random weights, on the current default device. ``config``:
+    a ``Blip2Config`` dict, or ``target``/``params`` of a function that returns one (e.g.
+    ``blip2.config.blip2_opt_2_7b``); ``tokenizer``: a folder with tokenizer files."""
+    cfg = instantiate_from_config(config) if "target" in config else dict(config)
+    tok = _tokenizer(tokenizer) if tokenizer else None
+    return Blip2OPT.from_config(cfg, device=torch.get_default_device(), **({"tokenizer": tok} if tok else {}))
+
+
+def load_blip2(source: str | os.PathLike, config: str | os.PathLike | Mapping | None = None,
+               network: type[nn.Module] = Blip2OPT, tokenizer: str | os.PathLike | None = None,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               image_size: int | None = None) -> tuple[nn.Module, Blip2ImageProcessor]:
+    """(network in eval mode on ``device``, its image processor) from ``source`` (see the module
+    notes). ``dtype``: a ``Blip2OPT``'s precision (ViT, projection, OPT; the Q-Former stays fp32);
+    ``image_size``: the input resolution when it differs from the config's (e.g. the 364 px of
+    caption fine-tuning). Bad input raises a one-line ``ValueError`` naming the file."""
+    if network not in (Blip2OPT, Blip2Qformer):
+        raise ValueError(f"load_blip2: network must be Blip2OPT or Blip2Qformer, got {network!r}")
+    if network is Blip2Qformer and dtype != torch.float32:
+        raise ValueError(f"load_blip2: a Blip2Qformer is read in float32, got dtype {dtype}")
+    source = Path(source)
+    if source.is_dir():
+        model = _from_folder(network, source, dtype, device)
+    elif not source.is_file():
+        raise CheckpointError(f"{source}: no such model folder or checkpoint file")
+    elif config is not None:
+        model = _from_config(network, source, config, dtype, device)
+    else:
+        model = _from_training_checkpoint(network, source, tokenizer, dtype, device)
+    if model.tokenizer is None:
+        raise ValueError(f"{config or source}: the model has no tokenizer (tokenizer files / params.tokenizer)")
+    if image_size is not None:
+        model.image_size = image_size
+    if source.is_dir() and image_size is None and (source / PREPROCESSOR_FILE).is_file():
+        return model.eval(), Blip2ImageProcessor.from_folder(source)
+    return model.eval(), Blip2ImageProcessor(model.image_size, model.image_mean, model.image_std)
+
+
+def network_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network's weights: a Lightning checkpoint of a system holds them as ``model.*``."""
+    if not any(key.startswith(MODEL_PREFIX) for key in state):
+        return dict(state)
+    return {key.removeprefix(MODEL_PREFIX): value for key, value in state.items()}
+
+
+def _tokenizer(folder: str | os.PathLike) -> Any:
+    tok = load_tokenizer(Path(folder))
+    if tok is None:
+        raise ValueError(f"{folder}: no tokenizer files (tokenizer.json / vocab.json) in the folder")
+    return tok
+
+
+def _from_folder(network: type[nn.Module], folder: Path, dtype: torch.dtype, device: str | torch.device) -> Any:
+    if network is Blip2Qformer:
+        return Blip2Qformer.from_pretrained(folder, device=device)
+    return Blip2OPT.from_pretrained(folder, dtype=dtype, device=device)
+
+
+def _load_weights(model: Any, source: Path, state: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                  device: str | torch.device) -> Any:
+    """Strictly load ``state`` into ``model`` (built on the meta device)."""
+    if isinstance(model, Blip2Qformer):
+        model = model.to_empty(device=device)
+        load_strict(model, state, str(source))
+        return model
+    return assign_weights(model.set_precision(dtype), str(source), set(state), state.__getitem__, device)
+
+
+def _from_config(network: type[nn.Module], source: Path, config: str | os.PathLike | Mapping,
+                 dtype: torch.dtype, device: str | torch.device) -> Any:
+    model_config = (load_config([config]) if isinstance(config, (str, os.PathLike)) else config).get("model")
+    if model_config is None:
+        raise KeyError(f"{config}: the config has no 'model' section")
+    params = dict(model_config.get("params") or {})
+    params.update({key: None for key in START_WEIGHTS if key in params})
+    with torch.device("meta"):
+        built = instantiate_from_config({"target": model_config["target"], "params": params})
+    model = built.model if isinstance(built, pl.LightningModule) else built
+    if not isinstance(model, network):
+        raise ValueError(f"{config}: 'model' builds a {type(built).__name__}, expected a {network.__name__} "
+                         "or a system that holds one")
+    return _load_weights(model, source, network_state(load_state_dict(source)), dtype, device)
+
+
+def _from_training_checkpoint(network: type[nn.Module], source: Path, tokenizer: str | os.PathLike | None,
+                              dtype: torch.dtype, device: str | torch.device) -> Blip2OPT:
+    """A ``Blip2OPTFinetune`` checkpoint: its ``blip2_config`` and ``state_dict`` (``model.*``)."""
+    obj = load_checkpoint(source)
+    if network is not Blip2OPT or "blip2_config" not in obj or "state_dict" not in obj:
+        raise CheckpointError(f"{source}: not a Blip2OPTFinetune checkpoint (no 'blip2_config' / 'state_dict'); "
+                              "give the config that builds its model")
+    if tokenizer is None:
+        raise ValueError(f"{source}: a Blip2OPTFinetune checkpoint needs the tokenizer folder (or its config)")
+    model = Blip2OPT.from_config(obj["blip2_config"], device="meta", tokenizer=_tokenizer(tokenizer))
+    return _load_weights(model, source, network_state(obj["state_dict"]), dtype, device)
