@@ -56,9 +56,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--resume", default="", help="resume from a log dir or a checkpoint inside one")
     p.add_argument("--actual_resume", default="", help="the base sd-v1 checkpoint to fine-tune")
     p.add_argument("--data_root", default=None, help="folder of instance images (dreambooth.data_root)")
-    p.add_argument("--reg_data_root", default=None, help="folder of class images (dreambooth.reg_data_root)")
+    p.add_argument("--reg_data_root", default=None, help="folder of class images (dreambooth.class_data_root)")
     p.add_argument("--class_word", default=None, help="class noun, e.g. dog (dreambooth.class_word)")
-    p.add_argument("--token", default=None, help=f"identifier of the subject (default {DEFAULT_TOKEN})")
+    p.add_argument("--token", default=None, help=f"identifier of the subject (dreambooth.identifier, default "
+                                                  f"{DEFAULT_TOKEN})")
     p.add_argument("-s", "--seed", type=int, default=None, help=f"seed (default {DEFAULT_SEED})")
     p.add_argument("-l", "--logdir", default="logs", help="folder of the run folders")
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=None,
@@ -103,8 +104,8 @@ def find_resume(path: str) -> tuple[Path, Path]:
 
 def cli_settings(opt: argparse.Namespace) -> DictConfig:
     """The options that set config values (only those given on the command line)."""
-    given = {"token": opt.token, "class_word": opt.class_word, "data_root": opt.data_root,
-             "reg_data_root": opt.reg_data_root}
+    given = {"identifier": opt.token, "class_word": opt.class_word, "data_root": opt.data_root,
+             "class_data_root": opt.reg_data_root}
     settings: dict[str, Any] = {}
     if any(v is not None for v in given.values()):
         settings["dreambooth"] = {k: v for k, v in given.items() if v is not None}
@@ -131,8 +132,8 @@ def load_config(opt: argparse.Namespace, overrides: list[str], resume_logdir: Pa
     config = OmegaConf.merge(config, cli_settings(opt), OmegaConf.from_dotlist(overrides))
     if OmegaConf.select(config, "lightning.seed") is None:
         OmegaConf.update(config, "lightning.seed", DEFAULT_SEED)
-    if "dreambooth" in config and config.dreambooth.get("token") is None:
-        config.dreambooth.token = DEFAULT_TOKEN
+    if "dreambooth" in config and config.dreambooth.get("identifier") is None:
+        config.dreambooth.identifier = DEFAULT_TOKEN
     if resume_logdir is not None:
         OmegaConf.update(config, "model.params.ckpt_path", None)  # every weight comes from the resumed checkpoint
     return config

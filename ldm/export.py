@@ -4,7 +4,8 @@ Input: a Lightning training checkpoint (``last.ckpt``: ``state_dict`` plus optim
 any sd-v1 file. Output: the sd-v1 layout only, ``model.diffusion_model.*``, ``first_stage_model.*``,
 ``cond_stage_model.transformer.text_model.*`` and the schedule buffers:
 
-1. the keys are checked against that layout (one error line naming the odd keys);
+1. the keys are checked against that layout (one error line naming the odd keys, in
+   ``core.weights.raise_mismatch``'s format);
 2. with EMA, each UNet tensor is replaced by its EMA copy ``model_ema.<name without dots>``;
 3. ``model_ema.*``, everything that is not a weight (optimizer, counters, RNG states) and the CLIP
    ``position_ids`` buffer of older files (always 0..76; newer transformers refuse it) are dropped;
@@ -26,10 +27,10 @@ from typing import Any, Mapping
 
 import torch
 
-from core.weights import SAFETENSORS_SUFFIXES, CheckpointError, load_checkpoint, save_checkpoint
+from core.weights import SAFETENSORS_SUFFIXES, CheckpointError, load_checkpoint, raise_mismatch, save_checkpoint
+from core.config import DTYPES
 from ldm.models.diffusion.ddpm import EMA_PREFIX
 from ldm.models.diffusion.schedule import make_beta_schedule, schedule_buffers
-from core.config import DTYPES
 
 UNET_PREFIX = "model.diffusion_model."
 NETWORK_PREFIXES = (UNET_PREFIX, "first_stage_model.", "cond_stage_model.")
@@ -53,8 +54,7 @@ def check_sd_v1(state: Mapping[str, Any], source: str) -> None:
     if absent:
         raise CheckpointError(f"{source}: not an sd-v1 checkpoint: no {', '.join(absent)} keys")
     odd = [k for k in state if not (k.startswith(NETWORK_PREFIXES + (EMA_PREFIX,)) or k in SCHEDULE_KEYS)]
-    if odd:
-        raise CheckpointError(f"{source}: {len(odd)} keys outside the sd-v1 layout, e.g. {', '.join(sorted(odd)[:4])}")
+    raise_mismatch(source, "sd-v1", [], sorted(odd))
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"{source}: expected tensors, but key {not_tensors[0]!r} is not one")

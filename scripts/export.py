@@ -10,14 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from omegaconf import OmegaConf
 
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
-from core.weights import CheckpointError  # noqa: E402
-from ldm.export import DTYPES, check_new_folder, export, save_diffusers  # noqa: E402
-from core.config import load_config  # noqa: E402
+from core.cli import run_cli
+from core.config import DTYPES, load_config
+from ldm.export import check_new_folder, export, save_diffusers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,15 +42,15 @@ def run(opt: argparse.Namespace) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    opt = parse_args(argv)
-    try:
-        written = run(opt)
-    except (CheckpointError, FileNotFoundError, ValueError, KeyError, OmegaConfBaseException) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def export_cli(argv: list[str]) -> int:
+    written = run(parse_args(argv))
     print("wrote " + ", ".join(map(str, written)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run; a bad input is one line on stderr and exit status 2 (``core.cli``)."""
+    return run_cli("export.py", export_cli, argv)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,12 @@
 
     python scripts/sample.py --prompt "a photograph of an astronaut riding a horse" \
         --ckpt models/ldm/stable-diffusion-v1/model.ckpt --plms
+
+Seeds: image i of a run (its running index, counted over rounds and prompt batches, from 0) starts
+from the noise of seed ``--seed + i``; with ``--fixed_code`` every round reuses the seeds of round 0.
+The images come from ``ldm.txt2img``, the path the training-time sample grids and class images
+take, so a prompt, seed and settings give the same image here, there, and on any device. Bad input
+is one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -14,14 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core.weights import CheckpointError  # noqa: E402
-from ldm.loading import latent_factor, load_model  # noqa: E402
-from core.config import load_config  # noqa: E402
-from core.images import make_grid, next_index, save_png, to_uint8  # noqa: E402
-from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.models.diffusion.plms import PLMSSampler  # noqa: E402
+from core.cli import run_cli
+from core.config import load_config
+from core.images import make_grid, next_index, save_png
+from ldm.loading import latent_factor, load_model
+from ldm.txt2img import sampling_mode, txt2img
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_iter", type=int, default=2, help="sampling rounds")
     p.add_argument("--H", type=int, default=512)
     p.add_argument("--W", type=int, default=512)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--fixed_code", action="store_true", help="the same starting noise in every round")
+    p.add_argument("--seed", type=int, default=42, help="image i of the run gets seed SEED + i")
+    p.add_argument("--fixed_code", action="store_true", help="every round reuses the seeds of round 0")
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip_grid", action="store_true")
@@ -70,35 +73,40 @@ def check(opt: argparse.Namespace, factor: int) -> None:
         raise ValueError("--plms is deterministic: --ddim_eta must be 0")
 
 
+def image_seeds(opt: argparse.Namespace, batches: list[list[str]]) -> list[list[list[int]]]:
+    """seeds[round][batch][k]: ``--seed`` plus the image's running index (within round 0 with --fixed_code)."""
+    per_round = sum(len(b) for b in batches)
+    seeds = []
+    for r in range(opt.n_iter):
+        first = opt.seed + (0 if opt.fixed_code else r * per_round)
+        round_seeds = []
+        for batch in batches:
+            round_seeds.append(list(range(first, first + len(batch))))
+            first += len(batch)
+        seeds.append(round_seeds)
+    return seeds
+
+
 def run(opt: argparse.Namespace) -> list[Path]:
     config = load_config([opt.config])
-    factor = latent_factor(config)
-    check(opt, factor)
+    check(opt, latent_factor(config))
+    batches = read_prompts(opt)
     device = torch.device(opt.device)
     model = load_model(config, None if opt.random_init else opt.ckpt, device)
-    sampler = (PLMSSampler if opt.plms else DDIMSampler)(model)
+    sampler = "plms" if opt.plms else "ddim"
     outdir, sample_dir = Path(opt.outdir), Path(opt.outdir) / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
-    shape = (model.channels, opt.H // factor, opt.W // factor)
-    gen = torch.Generator(device).manual_seed(opt.seed)
-    start_code = torch.randn((opt.n_samples, *shape), generator=gen, device=device) if opt.fixed_code else None
     precision = torch.autocast(device.type) if opt.precision == "autocast" else contextlib.nullcontext()
     count, written, all_images = next_index(sample_dir), [], []
-    with torch.no_grad(), precision, model.ema_scope():
-        for _ in tqdm(range(opt.n_iter), desc="rounds"):
-            for prompts in read_prompts(opt):
-                n = len(prompts)
-                uc = model.get_learned_conditioning([opt.negative_prompt] * n) if opt.scale != 1.0 else None
-                c = model.get_learned_conditioning(prompts)
-                x_T = start_code[:n] if start_code is not None else None
-                z, _ = sampler.sample(S=opt.ddim_steps, batch_size=n, shape=shape, conditioning=c,
-                                      unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
-                                      eta=opt.ddim_eta, x_T=x_T, generator=gen, verbose=False)
-                images = to_uint8(model.decode_first_stage(z))
-                for prompt, img in zip(prompts, images):
-                    info = dict(prompt=prompt, negative_prompt=opt.negative_prompt, seed=opt.seed,
-                                sampler=sampler.name, steps=opt.ddim_steps, eta=opt.ddim_eta, scale=opt.scale,
-                                H=opt.H, W=opt.W, index=count, ckpt=opt.ckpt, config=opt.config)
+    with sampling_mode(model), precision:
+        for round_seeds in tqdm(image_seeds(opt, batches), desc="rounds"):
+            for prompts, seeds in zip(batches, round_seeds):
+                images = txt2img(model, prompts, seeds, opt.H, opt.W, opt.ddim_steps, opt.scale, opt.ddim_eta,
+                                 opt.negative_prompt, sampler)
+                for prompt, seed, img in zip(prompts, seeds, images):
+                    info = dict(prompt=prompt, negative_prompt=opt.negative_prompt, seed=seed, sampler=sampler,
+                                steps=opt.ddim_steps, eta=opt.ddim_eta, scale=opt.scale, H=opt.H, W=opt.W,
+                                index=count, ckpt=opt.ckpt, config=opt.config)
                     written.append(save_png(img, sample_dir / f"{count:05}.png", info))
                     count += 1
                 all_images.append(images)
@@ -109,15 +117,15 @@ def run(opt: argparse.Namespace) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
+def sample(argv: list[str]) -> int:
     opt = parse_args(argv)
-    try:
-        written = run(opt)
-    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    written = run(opt)
     print(f"wrote {len(written)} images to {opt.outdir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("sample.py", sample, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.callbacks.regularization import RegularizationSampler
+from ldm.callbacks.class_images import ClassImageSampler
 from tests.sd_fixtures import ROOT, tiny_model
 
 DREAMBOOTH_TINY = ROOT / "configs" / "toy" / "dreambooth-tiny.yaml"
@@ -108,7 +108,7 @@ class RankRecorder(pl.Callback):
                    self.folder / f"rank{trainer.global_rank}.pt")
 
 
-class RecordingRegularizationSampler(RegularizationSampler):
+class RecordingClassImageSampler(ClassImageSampler):
     """The class-image sampler, also writing the indices each rank generated to ``<record_dir>/rank<r>.json``."""
 
     def __init__(self, record_dir: str, **kwargs):

@@ -65,7 +65,7 @@ def to_diffusers(ours: AutoencoderKL, params: dict) -> tuple[dict, dict]:
 @pytest.mark.parametrize("attn_resolutions", [[], [16]])
 def test_tiny_matches_diffusers(attn_resolutions: list[int]) -> None:
     params = dict(ddconfig=tiny_ddconfig(attn_resolutions), embed_dim=4, lossconfig={"target": "torch.nn.Identity"})
-    ours = randomize_(AutoencoderKL(**params)).eval()
+    ours = randomize_(AutoencoderKL.from_config_params(**params)).eval()
     converted, config = to_diffusers(ours, params)
     ref = DiffusersAutoencoderKL(**config).eval()
     ref.load_state_dict(converted, strict=True)

@@ -24,8 +24,8 @@ def run(tmp_path_factory):
                      "lightning.trainer.devices=2", f"lightning.trainer.max_steps={STEPS}",
                      f"dreambooth.num_class_images={CLASS_IMAGES}", "data.params.train.params.repeats=1",
                      "lightning.callbacks.image_logger=null",
-                     "lightning.callbacks.reg_sampler.target=tests.main_helpers.RecordingRegularizationSampler",
-                     f"lightning.callbacks.reg_sampler.params.record_dir={tmp / 'generated'}",
+                     "lightning.callbacks.class_images.target=tests.main_helpers.RecordingClassImageSampler",
+                     f"lightning.callbacks.class_images.params.record_dir={tmp / 'generated'}",
                      "lightning.callbacks.record.target=tests.main_helpers.RankRecorder",
                      f"lightning.callbacks.record.params.folder={tmp / 'ranks'}"], tmp)
     assert proc.returncode == 0, proc.stderr[-4000:]

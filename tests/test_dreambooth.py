@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from ldm.callbacks.image_logger import ImageLogger
-from ldm.callbacks.regularization import RegularizationSampler
+from ldm.callbacks.class_images import ClassImageSampler
 from core.config import instantiate_from_config
 from tests._util import randomize_, rel_err
 from tests.sd_fixtures import FULL_CONFIG, ROOT, plain
@@ -185,7 +185,7 @@ def test_trains_through_lightning_in_bf16_mixed_with_the_sampling_callbacks(tmp_
     start = [p.detach().clone() for p in model.model.parameters()]
     loader = DataLoader([{"instance": part(1, INSTANCE, i), "class": part(1, CLASS, 9 + i)} for i in range(2)],
                         batch_size=None)
-    callbacks = [RegularizationSampler(str(tmp_path / "class"), "dog", num_class_images=2, ddim_steps=1),
+    callbacks = [ClassImageSampler(str(tmp_path / "class"), "dog", num_class_images=2, ddim_steps=1),
                  ImageLogger(every_n_steps=2, prompts=[INSTANCE], ddim_steps=1, n_per_prompt=1,
                              logdir=str(tmp_path / "run"), log_at_end=False)]
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, precision="bf16-mixed", callbacks=callbacks,
@@ -225,7 +225,7 @@ def test_configs_have_the_dreambooth_defaults_and_the_same_structure():
     assert full.model.base_learning_rate == 1e-6 and full.model.params.prior_loss_weight == 1.0
     assert full.model.params.train_text_encoder and full.model.params.unet_config.params.use_checkpoint
     assert full.data.params.batch_size == 1 and full.data.params.train.params.flip_p == 0.5
-    assert full.data.params.train.params.size == 512 and full.dreambooth.num_class_images == 100
+    assert full.data.params.train.params.resolution == 512 and full.dreambooth.num_class_images == 100
     assert full.lightning.trainer.max_steps == 800 and full.lightning.trainer.precision == "16-mixed"
     assert full.lightning.checkpoint.every_n_steps == 500
     full.dreambooth.class_word = "dog"

@@ -164,6 +164,9 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     torch.save({"state_dict": {"model.diffusion_model.w": torch.zeros(1)}}, tmp_path / "unet_only.ckpt")
     cases.append(((tmp_path / "unet_only.ckpt", tmp_path / "e.ckpt"),
                   "not an sd-v1 checkpoint: no first_stage_model.*, cond_stage_model.* keys"))
+    torch.save({"state_dict": {**trained[1].state_dict(), "optimizer.step": torch.zeros(1)}}, tmp_path / "odd.ckpt")
+    cases.append(((tmp_path / "odd.ckpt", tmp_path / "f.ckpt"),
+                  "odd.ckpt: does not fit the sd-v1 layout: unexpected keys 1 (optimizer.step)"))
     for args, message in cases:
         assert export(*args, "--config", TINY_DB) == 2
         err = capsys.readouterr().err

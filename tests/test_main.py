@@ -52,7 +52,7 @@ def test_checkpoint_holds_the_full_training_state_in_sd_v1_layout(run):
     assert ckpt["global_step"] == STEPS
     assert any(k.startswith("model.diffusion_model.") for k in ckpt["state_dict"])
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in ckpt["state_dict"])
-    assert ckpt["optimizer_states"] and "loops" in ckpt and "DataModuleFromConfig" in ckpt
+    assert ckpt["optimizer_states"] and "loops" in ckpt and "DreamBoothDataModule" in ckpt
     assert ckpt["callbacks"]["ResumableCheckpoint"]["rng"][0]["torch"].dtype == torch.uint8
     assert (run["dir"] / "checkpoints" / f"step-{STEPS:06d}.ckpt").samefile(run["dir"] / "checkpoints" / "last.ckpt")
 

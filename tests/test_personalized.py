@@ -38,19 +38,19 @@ def _uint8(item):
 
 def test_item_format_and_captions(tmp_path):
     _solid(tmp_path / "a.png", (8, 8), GREEN)
-    instance = PersonalizedBase(str(tmp_path), size=8, repeats=3, class_word="dog")
+    instance = PersonalizedBase(str(tmp_path), resolution=8, repeats=3, class_word="dog")
     assert len(instance) == 3
     item = instance[2]
     assert item["image"].dtype == np.float32 and item["image"].shape == (8, 8, 3)
     assert item["caption"] == "a photo of sks dog"
     assert np.allclose(item["image"], np.array([-1.0, 1.0, -1.0], np.float32))
-    assert PersonalizedBase(str(tmp_path), size=8, placeholder_token="zwx")[0]["caption"] == "a photo of zwx"
-    cls = PersonalizedBase(str(tmp_path), size=8, class_word="dog", reg=True)
+    assert PersonalizedBase(str(tmp_path), resolution=8, identifier="zwx")[0]["caption"] == "a photo of zwx"
+    cls = PersonalizedBase(str(tmp_path), resolution=8, class_word="dog", class_images=True)
     assert cls[0]["caption"] == "a photo of dog"
-    templates = ["a photo of {token} {class_word}", "a rendering of a {token} {class_word}"]
-    many = PersonalizedBase(str(tmp_path), size=8, repeats=40, class_word="dog", templates=templates)
+    templates = ["a photo of {identifier} {class_word}", "a rendering of a {identifier} {class_word}"]
+    many = PersonalizedBase(str(tmp_path), resolution=8, repeats=40, class_word="dog", templates=templates)
     assert {many[i]["caption"] for i in range(40)} == {"a photo of sks dog", "a rendering of a sks dog"}
-    cls = PersonalizedBase(str(tmp_path), size=8, repeats=40, class_word="dog", templates=templates, reg=True)
+    cls = PersonalizedBase(str(tmp_path), resolution=8, repeats=40, class_word="dog", templates=templates, class_images=True)
     assert {cls[i]["caption"] for i in range(40)} == {"a photo of dog", "a rendering of a dog"}
     with pytest.raises(IndexError):
         many[40]
@@ -59,7 +59,7 @@ def test_item_format_and_captions(tmp_path):
 def test_images_found_recursively_in_fixed_order(tmp_path):
     for name, colour in [("b.png", GREEN), ("sub/a.png", BLUE), ("a.png", RED)]:
         _solid(tmp_path / name, (8, 8), colour)
-    data = PersonalizedBase(str(tmp_path), size=8, repeats=2, flip_p=0.0)
+    data = PersonalizedBase(str(tmp_path), resolution=8, repeats=2, flip_p=0.0)
     assert [p.relative_to(tmp_path).as_posix() for p in data.paths] == ["a.png", "b.png", "sub/a.png"]
     firsts = [_uint8(data[i])[0, 0].tolist() for i in range(6)]
     assert firsts == [list(RED), list(GREEN), list(BLUE)] * 2
@@ -72,7 +72,7 @@ def test_exif_orientation_six_rotates_clockwise(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     _save(tmp_path / "rot.jpg", stored, exif=exif, quality=95)
-    out = _uint8(PersonalizedBase(str(tmp_path), size=32, flip_p=0.0)[0])
+    out = _uint8(PersonalizedBase(str(tmp_path), resolution=32, flip_p=0.0)[0])
     assert out[4, 27, 0] > 200 and out[4, 27, 1] < 60  # top-right red
     assert out[4, 4, 0] < 60 and out[27, 4, 0] < 60 and out[27, 27, 0] < 60
 
@@ -83,7 +83,7 @@ def test_rgba_and_grey_become_rgb(tmp_path):
     rgba[:, 4:, 3] = 255  # left half transparent -> white, right half opaque blue
     _save(tmp_path / "a.png", rgba)
     _save(tmp_path / "b.png", np.full((8, 8), 64, np.uint8))
-    data = PersonalizedBase(str(tmp_path), size=8, flip_p=0.0, repeats=1)
+    data = PersonalizedBase(str(tmp_path), resolution=8, flip_p=0.0, repeats=1)
     rgba_out, grey_out = _uint8(data[0]), _uint8(data[1])
     assert (rgba_out[:, :4] == 255).all() and (rgba_out[:, 4:] == [0, 0, 255]).all()
     assert grey_out.shape == (8, 8, 3) and (grey_out == 64).all()
@@ -92,7 +92,7 @@ def test_rgba_and_grey_become_rgb(tmp_path):
 def test_centre_crop_is_square_and_not_stretched(tmp_path):
     _thirds(tmp_path / "wide.png")
     for size in (32, 16):
-        out = _uint8(PersonalizedBase(str(tmp_path), size=size, flip_p=0.0, interpolation="bicubic")[0])
+        out = _uint8(PersonalizedBase(str(tmp_path), resolution=size, flip_p=0.0, interpolation="bicubic")[0])
         assert out.shape == (size, size, 3)
         assert (np.abs(out - GREEN) <= 1).all(), "a stretched image would show red and blue"
 
@@ -100,7 +100,7 @@ def test_centre_crop_is_square_and_not_stretched(tmp_path):
 def test_random_crop_is_an_unscaled_window(tmp_path):
     ramp = np.repeat(np.arange(96, dtype=np.uint8)[None, :, None], 32, axis=0).repeat(3, axis=2)
     _save(tmp_path / "ramp.png", ramp)
-    data = PersonalizedBase(str(tmp_path), size=32, repeats=20, flip_p=0.0, crop="random")
+    data = PersonalizedBase(str(tmp_path), resolution=32, repeats=20, flip_p=0.0, crop="random")
     lefts = set()
     for i in range(20):
         row = _uint8(data[i])[0, :, 0]
@@ -112,7 +112,7 @@ def test_random_crop_is_an_unscaled_window(tmp_path):
 def test_real_photo_centre_crop_matches_pil(tmp_path):
     photo = skdata.chelsea()  # (300, 451, 3)
     _save(tmp_path / "cat.png", photo)
-    out = PersonalizedBase(str(tmp_path), size=64, flip_p=0.0, interpolation="lanczos")[0]["image"]
+    out = PersonalizedBase(str(tmp_path), resolution=64, flip_p=0.0, interpolation="lanczos")[0]["image"]
     left = (451 - 300) // 2
     expected = Image.fromarray(photo[:, left:left + 300]).resize((64, 64), Image.Resampling.LANCZOS)
     assert np.array_equal(np.rint((out + 1) * 127.5).astype(np.uint8), np.asarray(expected))
@@ -121,7 +121,7 @@ def test_real_photo_centre_crop_matches_pil(tmp_path):
 def test_flips_and_crops_reproducible_from_seed_and_index(tmp_path):
     _thirds(tmp_path / "wide.png")
     def make(seed):
-        return PersonalizedBase(str(tmp_path), size=32, repeats=16, crop="random", seed=seed)
+        return PersonalizedBase(str(tmp_path), resolution=32, repeats=16, crop="random", seed=seed)
 
     data = make(7)
     np.random.seed(1), random.seed(1), torch.manual_seed(1)
@@ -131,14 +131,14 @@ def test_flips_and_crops_reproducible_from_seed_and_index(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(forward, backward))
     other = make(8)
     assert not all(np.array_equal(a, other[i]["image"]) for i, a in enumerate(forward))
-    val = PersonalizedBase(str(tmp_path), size=32, repeats=16, crop="random", seed=7, set="val")
+    val = PersonalizedBase(str(tmp_path), resolution=32, repeats=16, crop="random", seed=7, set="val")
     assert not all(np.array_equal(a, val[i]["image"]) for i, a in enumerate(forward))
 
 
 def test_flip_probability(tmp_path):
     _thirds(tmp_path / "wide.png")
     def make(flip_p):
-        return PersonalizedBase(str(tmp_path), size=32, repeats=40, flip_p=flip_p, crop="random")
+        return PersonalizedBase(str(tmp_path), resolution=32, repeats=40, flip_p=flip_p, crop="random")
 
     never, always, half = make(0.0), make(1.0), make(0.5)
     assert all(np.array_equal(always[i]["image"], never[i]["image"][:, ::-1]) for i in range(40))
@@ -149,25 +149,25 @@ def test_flip_probability(tmp_path):
 def test_caption_sidecars_fill_placeholders(tmp_path):
     _solid(tmp_path / "a.png")
     _solid(tmp_path / "b.png")
-    (tmp_path / "a.txt").write_text("a {token} {class_word}\non the beach\n")
-    data = PersonalizedBase(str(tmp_path), size=8, repeats=1, class_word="dog", caption_sidecars=True)
+    (tmp_path / "a.txt").write_text("a {identifier} {class_word}\non the beach\n")
+    data = PersonalizedBase(str(tmp_path), resolution=8, repeats=1, class_word="dog", caption_sidecars=True)
     assert [data[0]["caption"], data[1]["caption"]] == ["a sks dog on the beach", "a photo of sks dog"]
     with pytest.warns(UserWarning, match="not images: a.txt"):  # sidecars off: the .txt is not read
-        plain = PersonalizedBase(str(tmp_path), size=8, repeats=1, class_word="dog")
+        plain = PersonalizedBase(str(tmp_path), resolution=8, repeats=1, class_word="dog")
     assert plain[0]["caption"] == "a photo of sks dog"
     (tmp_path / "b.txt").write_text("a {class_word} in the snow")
-    cls = PersonalizedBase(str(tmp_path), size=8, repeats=1, reg=True, class_word="dog", caption_sidecars=True)
+    cls = PersonalizedBase(str(tmp_path), resolution=8, repeats=1, class_images=True, class_word="dog", caption_sidecars=True)
     assert cls[1]["caption"] == "a dog in the snow"
 
 
 def test_class_images_need_class_word(tmp_path):
     _solid(tmp_path / "a.png")
     with pytest.raises(ValueError, match="--class_word"):
-        PersonalizedBase(str(tmp_path), size=8, reg=True)
+        PersonalizedBase(str(tmp_path), resolution=8, class_images=True)
     (tmp_path / "a.txt").write_text("a photo of a dog")
     with pytest.raises(ValueError, match="--class_word"), pytest.warns(UserWarning, match="a.txt"):
-        PersonalizedBase(str(tmp_path), size=8, reg=True)
-    data = PersonalizedBase(str(tmp_path), size=8, reg=True, caption_sidecars=True)
+        PersonalizedBase(str(tmp_path), resolution=8, class_images=True)
+    data = PersonalizedBase(str(tmp_path), resolution=8, class_images=True, caption_sidecars=True)
     assert data[0]["caption"] == "a photo of a dog"
 
 
@@ -181,17 +181,17 @@ def test_missing_or_empty_data_root(tmp_path):
 
 def test_non_images_skipped_with_one_warning(tmp_path):
     _solid(tmp_path / "a.png")
-    (tmp_path / "a.txt").write_text("a {token}")
+    (tmp_path / "a.txt").write_text("a {identifier}")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "notes.md").write_text("x")
     (tmp_path / ".DS_Store").write_text("x")
     with pytest.warns(UserWarning) as record:
-        data = PersonalizedBase(str(tmp_path), size=8, repeats=1, caption_sidecars=True)
+        data = PersonalizedBase(str(tmp_path), resolution=8, repeats=1, caption_sidecars=True)
     assert len(record) == 1 and len(data) == 1
     message = str(record[0].message)
     assert "sub/notes.md" in message and "a.txt" not in message and ".DS_Store" not in message
     with pytest.warns(UserWarning, match="a.txt, sub/notes.md"):
-        PersonalizedBase(str(tmp_path), size=8, repeats=1)
+        PersonalizedBase(str(tmp_path), resolution=8, repeats=1)
 
 
 def test_truncated_or_fake_image_fails_by_name(tmp_path):
@@ -199,25 +199,25 @@ def test_truncated_or_fake_image_fails_by_name(tmp_path):
     full = (tmp_path / "good.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(full[: len(full) // 2])
     with pytest.raises(ValueError, match=r"cut\.jpg: truncated or corrupt"):
-        PersonalizedBase(str(tmp_path), size=8)
+        PersonalizedBase(str(tmp_path), resolution=8)
     (tmp_path / "cut.jpg").unlink()
     (tmp_path / "fake.png").write_text("not a png")
     with pytest.raises(ValueError, match=r"fake\.png: not an image"):
-        PersonalizedBase(str(tmp_path), size=8)
+        PersonalizedBase(str(tmp_path), resolution=8)
 
 
 def test_small_images_warned_by_name(tmp_path):
     _solid(tmp_path / "big.png", (64, 48))
     _solid(tmp_path / "tiny.png", (16, 16))
-    with pytest.warns(UserWarning, match=r"1 images are smaller than size=32 .*: tiny\.png$"):
-        data = PersonalizedBase(str(tmp_path), size=32)
+    with pytest.warns(UserWarning, match=r"1 images are smaller than resolution=32 .*: tiny\.png$"):
+        data = PersonalizedBase(str(tmp_path), resolution=32)
     assert data[1]["image"].shape == (32, 32, 3)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"crop": "middle"}, "crop='middle'"), ({"set": "test"}, "set='test'"),
     ({"interpolation": "cubic"}, "interpolation='cubic'"), ({"flip_p": 1.5}, "flip_p=1.5"),
-    ({"size": 0}, "size=0"), ({"templates": []}, "templates=")])
+    ({"resolution": 0}, "resolution=0"), ({"templates": []}, "templates=")])
 def test_bad_arguments(tmp_path, kwargs, message):
     _solid(tmp_path / "a.png")
     with pytest.raises(ValueError, match=message):
@@ -228,11 +228,12 @@ def test_pairs_batch_through_default_collate(tmp_path):
     _solid(tmp_path / "inst" / "a.png", (8, 8), RED)
     for k, colour in enumerate((GREEN, BLUE, (9, 9, 9))):
         _solid(tmp_path / "cls" / f"{k}.png", (8, 8), colour)
-    instance = PersonalizedBase(str(tmp_path / "inst"), size=8, repeats=4, class_word="dog")
-    reg = PersonalizedBase(str(tmp_path / "cls"), size=8, repeats=1, class_word="dog", reg=True)
-    pairs = DreamBoothPairs(instance, reg)
+    instance = PersonalizedBase(str(tmp_path / "inst"), resolution=8, repeats=4, class_word="dog")
+    class_images = PersonalizedBase(str(tmp_path / "cls"), resolution=8, repeats=1, class_word="dog",
+                                    class_images=True)
+    pairs = DreamBoothPairs(instance, class_images)
     assert len(pairs) == 4
-    assert np.array_equal(pairs[3]["class"]["image"], reg[0]["image"])
+    assert np.array_equal(pairs[3]["class"]["image"], class_images[0]["image"])
     batch = next(iter(DataLoader(pairs, batch_size=4, shuffle=False)))
     images = batch["instance"]["image"]
     assert isinstance(images, torch.Tensor) and images.shape == (4, 8, 8, 3) and images.dtype == torch.float32

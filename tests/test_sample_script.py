@@ -1,14 +1,23 @@
-"""scripts/sample.py end to end on a tiny sd-v1 shaped checkpoint."""
+"""scripts/sample.py end to end on a tiny sd-v1 shaped checkpoint, and the same images as the
+training-time sample grids and class images (one text-to-image path, ``ldm.txt2img``)."""
+import contextlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from core.config import load_config
+from ldm.callbacks.class_images import ClassImageSampler
+from ldm.callbacks.image_logger import ImageLogger
+from ldm.loading import load_model
+from ldm.txt2img import sampling_mode
 from tests.sd_fixtures import ROOT, TINY_CONFIG, tiny_model
 
 SCRIPT = ROOT / "scripts" / "sample.py"
@@ -26,7 +35,7 @@ def _main(*args):
 def _run(*args, cwd):
     return subprocess.run([sys.executable, str(SCRIPT), "--config", str(TINY_CONFIG), "--device", "cpu",
                            "--precision", "full", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +55,13 @@ def test_writes_png_samples_with_metadata_and_a_grid(tmp_path, tiny_ckpt):
     samples = sorted((out / "samples").glob("*.png"))
     assert [p.name for p in samples] == ["00000.png", "00001.png", "00002.png"]
     captions = []
-    for p in samples:
+    for i, p in enumerate(samples):
         img = Image.open(p)
         img.load()
         assert img.size == (24, 32) and img.mode == "RGB"
         captions.append(img.text["prompt"])
         params = json.loads(img.text["parameters"])
-        assert params["seed"] == 3 and params["steps"] == 3 and params["sampler"] == "ddim"
+        assert params["seed"] == 3 + i and params["steps"] == 3 and params["sampler"] == "ddim"
     assert captions == ["a photo of a sks dog", "a red circle", "an émoji 🐶 prompt"]
     grids = list(out.glob("grid-*.png"))
     assert len(grids) == 1 and Image.open(grids[0]).size[0] > 24
@@ -70,9 +79,9 @@ def test_same_seed_same_images_and_plms(tmp_path, tiny_ckpt):
 
 def test_clear_errors(tmp_path, tiny_ckpt, capsys):
     assert _main("--ckpt", tmp_path / "missing.ckpt", "--outdir", tmp_path / "o") == 2
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing.ckpt'}: checkpoint file not found"
+    assert capsys.readouterr().err.strip() == f"sample.py: error: {tmp_path / 'missing.ckpt'}: checkpoint file not found"
     assert _main("--ckpt", tiny_ckpt, "--H", 33, "--outdir", tmp_path / "o") == 2
-    assert capsys.readouterr().err.strip() == "error: --H 33 must be a multiple of 2"
+    assert capsys.readouterr().err.strip() == "sample.py: error: --H 33 must be a multiple of 2"
     sd = tiny_model().state_dict()
     del sd["first_stage_model.decoder.conv_out.weight"]
     torch.save({"state_dict": sd}, tmp_path / "bad.ckpt")
@@ -80,3 +89,50 @@ def test_clear_errors(tmp_path, tiny_ckpt, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "bad.ckpt" in err and "first_stage_model.decoder.conv_out.weight" in err
+    assert _main("--ckpt", tiny_ckpt, "--from-file", tmp_path / "none.txt", "--outdir", tmp_path / "o") == 2
+    assert capsys.readouterr().err.strip() == f"sample.py: error: {tmp_path / 'none.txt'}: prompt file not found"
+
+
+def _png(path):
+    return np.asarray(Image.open(path))
+
+
+def test_image_i_has_seed_s_plus_i_and_fixed_code_reuses_round_0(tmp_path, tiny_ckpt):
+    common = ["--prompt", "a red circle", "--ckpt", tiny_ckpt, "--H", 16, "--W", 16, "--ddim_steps", 2,
+              "--n_samples", 2, "--n_iter", 2, "--skip_grid"]
+    assert _main(*common, "--seed", 3, "--outdir", tmp_path / "run") == 0
+    assert _main(*common, "--seed", 5, "--outdir", tmp_path / "later") == 0
+    assert _main(*common, "--seed", 3, "--fixed_code", "--outdir", tmp_path / "fixed") == 0
+    run, later, fixed = ([_png(tmp_path / name / "samples" / f"{i:05}.png") for i in range(4)]
+                         for name in ("run", "later", "fixed"))
+    assert [Image.open(tmp_path / "run" / "samples" / f"{i:05}.png").text["seed"] for i in range(4)] == [
+        "3", "4", "5", "6"]
+    assert np.array_equal(run[2], later[0]) and np.array_equal(run[3], later[1])  # seeds 5 and 6
+    assert not np.array_equal(run[0], run[2])
+    assert np.array_equal(fixed[2], fixed[0]) and np.array_equal(fixed[3], fixed[1])
+    assert np.array_equal(fixed[0], run[0]) and np.array_equal(fixed[1], run[1])
+
+
+def test_the_same_image_as_the_training_grid_and_the_class_images(tmp_path, tiny_ckpt):
+    """The same prompt, seed and settings: pixel-equal PNGs from sample.py, ImageLogger, ClassImageSampler."""
+    prompt, seed, steps, scale = "a photo of a dog", 11, 3, 5.0
+    assert _main("--prompt", prompt, "--ckpt", tiny_ckpt, "--outdir", tmp_path / "script", "--H", 32, "--W", 32,
+                 "--ddim_steps", steps, "--scale", scale, "--n_samples", 2, "--n_iter", 1, "--seed", seed,
+                 "--skip_grid") == 0
+    model = load_model(load_config([TINY_CONFIG]), tiny_ckpt).train()
+    logger = ImageLogger(every_n_steps=1, prompts=[prompt], ddim_steps=steps, scale=scale, seed=seed,
+                         n_per_prompt=2, logdir=str(tmp_path / "run"))
+    trainer = SimpleNamespace(global_step=1, global_rank=0, loggers=[], default_root_dir=str(tmp_path),
+                              precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
+    logger.log_images(trainer, model)
+    classes = ClassImageSampler(str(tmp_path / "class"), "dog", num_class_images=2, base_seed=seed,
+                                ddim_steps=steps, scale=scale, batch_size=2, prompt="a photo of a {}")
+    with sampling_mode(model):
+        classes.generate(model, [0, 1])
+    for i in range(2):
+        script = _png(tmp_path / "script" / "samples" / f"{i:05}.png")
+        assert script.shape == (32, 32, 3) and script.std() > 0
+        np.testing.assert_array_equal(script, _png(tmp_path / "run" / "images" / "step-000001" / f"{i:03d}.png"))
+        np.testing.assert_array_equal(script, _png(tmp_path / "class" / f"class_{i:05d}.png"))
+    assert not np.array_equal(_png(tmp_path / "script" / "samples" / "00000.png"),
+                              _png(tmp_path / "script" / "samples" / "00001.png"))

@@ -1,4 +1,5 @@
-"""The sd-v1 UNet against diffusers' UNet2DConditionModel, loaded through diffusers' own converter."""
+"""The sd-v1 UNet against diffusers' UNet2DConditionModel, loaded through diffusers' own converter
+(built from CompVis-style parameters, as configs give them: `UNetModel.from_config_params`)."""
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_diffusers(case):
     params, head_override, timesteps = CASES[case]
-    ours = randomize_(UNetModel(**params)).eval()
+    ours = randomize_(UNetModel.from_config_params(**params)).eval()
     ref = diffusers_twin(ours, params, head_override)
     size = 16 if len(params["channel_mult"]) > 2 else 8
     x, context = tiny_inputs(size=size)
@@ -113,7 +114,7 @@ def test_full_size_keys_and_shapes_match_diffusers():
     yaml = OmegaConf.load(V1_YAML)
     params = OmegaConf.to_container(yaml.model.params.unet_config.params)
     with torch.device("meta"):
-        ours = UNetModel(**params)
+        ours = UNetModel.from_config_params(**params)
     ckpt = prefixed(ours.state_dict())
     config = create_unet_diffusers_config_from_ldm(yaml, ckpt)
     converted = convert_ldm_unet_checkpoint(ckpt, config)
@@ -140,8 +141,8 @@ def train_step(model: UNetModel, x, t, context):
 
 def test_gradient_checkpointing_same_gradients_and_recomputes():
     params = {**TINY, "dropout": 0.1}
-    plain = randomize_(UNetModel(**params)).train()
-    ckpt = UNetModel(**params, use_checkpoint=True).train()
+    plain = randomize_(UNetModel.from_config_params(**params)).train()
+    ckpt = UNetModel.from_config_params(**params, use_checkpoint=True).train()
     ckpt.load_state_dict(plain.state_dict())
     res_calls = count_calls(next(m for m in ckpt.modules() if isinstance(m, ResBlock)).in_layers)
     attn_calls = count_calls(next(m for m in ckpt.modules() if isinstance(m, BasicTransformerBlock)).attn1)
@@ -156,7 +157,7 @@ def test_gradient_checkpointing_same_gradients_and_recomputes():
 
 
 def test_bf16_close_to_fp32():
-    model = randomize_(UNetModel(**TINY), scale=0.1).eval()
+    model = randomize_(UNetModel.from_config_params(**TINY), scale=0.1).eval()
     x, context = tiny_inputs()
     t = torch.tensor([5, 700])
     with torch.no_grad():
@@ -181,14 +182,14 @@ UNSUPPORTED = {
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))
 def test_unsupported_options_raise(name):
     with pytest.raises(ValueError, match=f"UNetModel: {name}=.* is not implemented"):
-        UNetModel(**{**TINY, name: UNSUPPORTED[name]})
+        UNetModel.from_config_params(**{**TINY, name: UNSUPPORTED[name]})
 
 
 def test_missing_heads_or_context_raise():
     with pytest.raises(ValueError, match="num_heads or num_head_channels"):
-        UNetModel(**{**TINY, "num_heads": -1})
+        UNetModel.from_config_params(**{**TINY, "num_heads": -1})
     with pytest.raises(ValueError, match="context_dim"):
-        UNetModel(**{**TINY, "context_dim": None})
+        UNetModel.from_config_params(**{**TINY, "context_dim": None})
 
 
 def test_head_split_compvis_rules():

@@ -15,17 +15,18 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import numpy as np
 
-from ldm.callbacks.sampling import data_size, sample_images, sampling_mode
 from core.images import make_grid, save_png
+from ldm.txt2img import sampling_mode, trained_resolution, txt2img
 
 
 class ImageLogger(pl.Callback):
-    """``logdir`` None: main.py sets the run's log dir (else the trainer's ``default_root_dir``)."""
+    """``logdir`` None: main.py sets the run's log dir (else the trainer's ``default_root_dir``);
+    ``resolution`` None: the model's training resolution. Sampling: DDIM, ``ldm.txt2img``."""
 
     def __init__(self, every_n_steps: int = 200, prompts: Sequence[str] = ("a photo of sks dog", "a photo of a dog"),
                  ddim_steps: int = 50, scale: float = 7.5, seed: int = 0, n_per_prompt: int = 2,
                  logdir: str | None = None, eta: float = 0.0, negative_prompt: str = "",
-                 size: int | None = None, log_at_end: bool = True):
+                 resolution: int | None = None, log_at_end: bool = True):
         if isinstance(prompts, str) or not prompts:
             raise ValueError(f"ImageLogger: prompts={prompts!r}: expected a non-empty list of prompts")
         if every_n_steps < 1 or n_per_prompt < 1 or ddim_steps < 1:
@@ -33,7 +34,8 @@ class ImageLogger(pl.Callback):
                              f"ddim_steps={ddim_steps}: expected positive integers")
         self.every_n_steps, self.prompts, self.n_per_prompt = every_n_steps, list(prompts), n_per_prompt
         self.ddim_steps, self.scale, self.seed, self.eta = ddim_steps, scale, seed, eta
-        self.logdir, self.negative_prompt, self.size, self.log_at_end = logdir, negative_prompt, size, log_at_end
+        self.logdir, self.negative_prompt, self.log_at_end = logdir, negative_prompt, log_at_end
+        self.resolution = resolution
         self.last_step = -1
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -52,8 +54,9 @@ class ImageLogger(pl.Callback):
         prompts = [p for p in self.prompts for _ in range(self.n_per_prompt)]
         seeds = [self.seed + j for _ in self.prompts for j in range(self.n_per_prompt)]
         with trainer.precision_plugin.forward_context(), sampling_mode(pl_module):
-            return sample_images(pl_module, prompts, seeds, self.size or data_size(pl_module), self.ddim_steps,
-                                 self.scale, self.eta, self.negative_prompt)
+            resolution = self.resolution or trained_resolution(pl_module)
+            return txt2img(pl_module, prompts, seeds, resolution, resolution, self.ddim_steps, self.scale,
+                           self.eta, self.negative_prompt)
 
     def log_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
         """Sample, write the PNGs and the grid, send the grid to the loggers; rank 0 only."""

@@ -14,37 +14,37 @@ from core.images import list_images
 from ldm.data.personalized import DreamBoothPairs
 
 
-def _without_empty_reg(reg: Mapping | None) -> Mapping | None:
-    """A reg entry whose ``data_root`` is null means: no prior preservation."""
-    if reg is None or (reg.get("params") or {}).get("data_root") is None:
+def _without_empty_class_images(class_images: Mapping | None) -> Mapping | None:
+    """A class-image entry whose ``data_root`` is null means: no prior preservation."""
+    if class_images is None or (class_images.get("params") or {}).get("data_root") is None:
         return None
-    return reg
+    return class_images
 
 
-class DataModuleFromConfig(CoreDataModule):
-    """Builds ``train`` (+ ``reg``, paired) and ``validation`` from ``{target, params}`` configs.
+class DreamBoothDataModule(CoreDataModule):
+    """Builds ``train`` (+ ``class_images``, paired) and ``validation`` from ``{target, params}`` configs.
 
     ``paired=False`` feeds the ``train`` items as they are (a plain LatentDiffusion's flat batches
-    ``{"image", "caption"}``); it cannot take a ``reg`` set.
+    ``{"image", "caption"}``); it cannot take class images.
     """
 
     def __init__(self, batch_size: int, num_workers: int = 0, train: Mapping | None = None,
-                 reg: Mapping | None = None, validation: Mapping | None = None, seed: int = 0,
+                 class_images: Mapping | None = None, validation: Mapping | None = None, seed: int = 0,
                  shuffle: bool = True, paired: bool = True):
         super().__init__(batch_size, num_workers, train=train, validation=validation, seed=seed, shuffle=shuffle)
-        reg = _without_empty_reg(reg)
-        if reg is not None and not paired:
-            raise ValueError("data.params: a reg data set needs paired=true (DreamBoothPairs batches)")
+        class_images = _without_empty_class_images(class_images)
+        if class_images is not None and not paired:
+            raise ValueError("data.params: class_images need paired=true (DreamBoothPairs batches)")
         self.paired = paired
-        self.configs["reg"] = reg
+        self.configs["class_images"] = class_images
 
     def train_dataset(self) -> Dataset:
         """The instance data set, paired with the class images when ``paired``."""
         instance = super().train_dataset()
         if not self.paired:
             return instance
-        reg = self.configs["reg"]
-        return DreamBoothPairs(instance, instantiate_from_config(reg) if reg is not None else None)
+        class_images = self.configs["class_images"]
+        return DreamBoothPairs(instance, instantiate_from_config(class_images) if class_images is not None else None)
 
     @staticmethod
     def check_config(config: Any) -> None:
@@ -58,7 +58,12 @@ class DataModuleFromConfig(CoreDataModule):
             raise ValueError(f"--data_root {root}: no such folder (expected the instance images)")
         if not list_images(root):
             raise ValueError(f"--data_root {root}: the folder holds no images (.jpg, .png, ...)")
-        reg_root = OmegaConf.select(config, "data.params.reg.params.data_root")
-        if reg_root is not None and not OmegaConf.select(config, "data.params.reg.params.class_word"):
-            raise ValueError(f"--class_word is required with --reg_data_root {reg_root}: class images are "
+        class_root = OmegaConf.select(config, "data.params.class_images.params.data_root")
+        if class_root is not None and not OmegaConf.select(config, "data.params.class_images.params.class_word"):
+            raise ValueError(f"--class_word is required with --reg_data_root {class_root}: class images are "
                              "generated and captioned as 'a photo of a <class_word>'")
+
+
+# The target configs/toy/sd.yaml and configs/toy/vae.yaml name (with paired: false); they are to name
+# core.data.datamodule.DataModuleFromConfig instead, and then this line goes.
+DataModuleFromConfig = DreamBoothDataModule

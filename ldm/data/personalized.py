@@ -11,11 +11,11 @@ Per item ``i``:
 
 1. ``load_rgb`` decodes image ``i % num_images`` (EXIF orientation applied, RGB).
 2. The largest centered (or random) square is cropped, never stretched, and resized to
-   ``size x size``.
+   ``resolution x resolution``.
 3. It is flipped horizontally with probability ``flip_p``.
 4. The caption is the image's sidecar ``<stem>.txt`` (optional) or one of the templates.
 
-The random draws of steps 2-4 come from ``numpy.random.default_rng((seed, set, reg, i))``, so an
+The random draws of steps 2-4 come from ``numpy.random.default_rng((seed, set, class_images, i))``, so an
 item depends only on its index: a run resumed mid-epoch sees exactly the same items.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from core.images import (
     visible_files,
 )
 
-INSTANCE_TEMPLATE = "a photo of {token} {class_word}"
+INSTANCE_TEMPLATE = "a photo of {identifier} {class_word}"
 CLASS_TEMPLATE = "a photo of {class_word}"
 CROPS = ("center", "random")
 SETS = ("train", "val")
@@ -46,9 +46,9 @@ INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampl
 MAX_LISTED = 10
 
 
-def fill_template(template: str, token: str | None, class_word: str | None) -> str:
-    """Replace ``{token}`` and ``{class_word}`` (a missing one by nothing) and squeeze the spaces."""
-    text = template.replace("{token}", token or "").replace("{class_word}", class_word or "")
+def fill_template(template: str, identifier: str | None, class_word: str | None) -> str:
+    """Replace ``{identifier}`` and ``{class_word}`` (a missing one by nothing) and squeeze the spaces."""
+    text = template.replace("{identifier}", identifier or "").replace("{class_word}", class_word or "")
     return " ".join(text.split())
 
 
@@ -93,9 +93,9 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
 
 
-def _check_numbers(size: int, repeats: int, flip_p: float, seed: int) -> None:
-    if size < 1 or repeats < 1:
-        raise ValueError(f"size={size}, repeats={repeats}: expected positive integers")
+def _check_numbers(resolution: int, repeats: int, flip_p: float, seed: int) -> None:
+    if resolution < 1 or repeats < 1:
+        raise ValueError(f"resolution={resolution}, repeats={repeats}: expected positive integers")
     if not 0.0 <= flip_p <= 1.0:
         raise ValueError(f"flip_p={flip_p}: expected a probability in [0, 1]")
     if seed < 0:
@@ -103,29 +103,30 @@ def _check_numbers(size: int, repeats: int, flip_p: float, seed: int) -> None:
 
 
 class PersonalizedBase(Dataset):
-    """Instance images (``reg=False``) or class images (``reg=True``) of one folder, as dicts
-    ``{"image": (size, size, 3) float32 in [-1, 1], "caption": str}``; ``len = num_images * repeats``.
+    """Instance images (``class_images=False``) or class images (``class_images=True``) of one folder,
+    as dicts ``{"image": (resolution, resolution, 3) float32 in [-1, 1], "caption": str}``;
+    ``len = num_images * repeats``.
 
-    Captions: a ``templates`` entry (drawn per item) with ``{token}`` and ``{class_word}`` filled;
-    defaults "a photo of {token} {class_word}" (instance) and "a photo of {class_word}" (class;
-    a given template's ``{token}`` is dropped there). With ``caption_sidecars``, ``<stem>.txt``
+    Captions: a ``templates`` entry (drawn per item) with ``{identifier}`` and ``{class_word}`` filled;
+    defaults "a photo of {identifier} {class_word}" (instance) and "a photo of {class_word}" (class;
+    a given template's ``{identifier}`` is dropped there). With ``caption_sidecars``, ``<stem>.txt``
     beside an image, when present, is that image's caption (placeholders filled the same way).
     ``set`` ("train" | "val") keys the random stream, so a val set of the same folder draws other
     augmentations. All images are decoded once here, so a bad file fails now, by name.
     """
 
-    def __init__(self, data_root: str, size: int = 512, repeats: int = 100, flip_p: float = 0.5,
-                 set: str = "train", placeholder_token: str = "sks", class_word: str | None = None,
-                 reg: bool = False, templates: Sequence[str] | None = None, crop: str = "center",
+    def __init__(self, data_root: str, resolution: int = 512, repeats: int = 100, flip_p: float = 0.5,
+                 set: str = "train", identifier: str = "sks", class_word: str | None = None,
+                 class_images: bool = False, templates: Sequence[str] | None = None, crop: str = "center",
                  caption_sidecars: bool = False, interpolation: str = "bicubic", seed: int = 0) -> None:
         _check_choice("set", set, SETS)
         _check_choice("crop", crop, CROPS)
         _check_choice("interpolation", interpolation, tuple(INTERPOLATIONS))
-        _check_numbers(size, repeats, flip_p, seed)
+        _check_numbers(resolution, repeats, flip_p, seed)
         self.root = Path(data_root)
-        self.size, self.repeats, self.flip_p, self.set, self.crop = size, repeats, flip_p, set, crop
-        self.token = None if reg else placeholder_token
-        self.class_word, self.reg, self.seed = class_word, reg, seed
+        self.resolution, self.repeats, self.flip_p, self.set, self.crop = resolution, repeats, flip_p, set, crop
+        self.identifier = None if class_images else identifier
+        self.class_word, self.class_images, self.seed = class_word, class_images, seed
         self.resample = INTERPOLATIONS[interpolation]
         self.templates = self._templates(templates)
         self.paths = self._find_images()
@@ -137,7 +138,7 @@ class PersonalizedBase(Dataset):
 
     def _templates(self, templates: Sequence[str] | None) -> tuple[str, ...]:
         if templates is None:
-            return (CLASS_TEMPLATE if self.reg else INSTANCE_TEMPLATE,)
+            return (CLASS_TEMPLATE if self.class_images else INSTANCE_TEMPLATE,)
         if isinstance(templates, str) or not templates:
             raise ValueError(f"templates={templates!r}: expected a non-empty list of caption templates")
         return tuple(templates)
@@ -159,26 +160,26 @@ class PersonalizedBase(Dataset):
 
     def _check_class_word(self) -> None:
         uncaptioned = [p for p, text in zip(self.paths, self.sidecars) if text is None]
-        if self.reg and self.class_word is None and uncaptioned:
+        if self.class_images and self.class_word is None and uncaptioned:
             raise ValueError(f"{self.root}: class images need --class_word (class_word) for their captions; "
                              f"{len(uncaptioned)} images have no caption sidecar, e.g. {uncaptioned[0].name}")
 
     def _warn_small(self) -> None:
-        small = [p for p, (w, h) in zip(self.paths, self.sizes) if min(w, h) < self.size]
+        small = [p for p, (w, h) in zip(self.paths, self.sizes) if min(w, h) < self.resolution]
         if small:
-            warnings.warn(f"{self.root}: {len(small)} images are smaller than size={self.size} and will be "
-                          f"upscaled: {_listing(small, self.root)}", stacklevel=3)
+            warnings.warn(f"{self.root}: {len(small)} images are smaller than resolution={self.resolution} and "
+                          f"will be upscaled: {_listing(small, self.root)}", stacklevel=3)
 
     def __len__(self) -> int:
         return len(self.paths) * self.repeats
 
     def rng(self, i: int) -> np.random.Generator:
-        """The item's own generator: a function of (seed, set, reg, i) only, never of global state."""
-        return np.random.default_rng((self.seed, SETS.index(self.set), int(self.reg), i))
+        """The item's own generator: a function of (seed, set, class_images, i) only, never of global state."""
+        return np.random.default_rng((self.seed, SETS.index(self.set), int(self.class_images), i))
 
     def caption(self, n: int, template: str) -> str:
         """Image ``n``'s sidecar caption when it has one, else ``template``, placeholders filled."""
-        return fill_template(self.sidecars[n] or template, self.token, self.class_word)
+        return fill_template(self.sidecars[n] or template, self.identifier, self.class_word)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray | str]:
         if not -len(self) <= i < len(self):
@@ -188,27 +189,28 @@ class PersonalizedBase(Dataset):
         flip = rng.random() < self.flip_p  # fixed draw order: flip, template, crop
         template = self.templates[rng.integers(len(self.templates))]
         image = load_rgb(self.paths[n])
-        image = image.crop(square_box(*image.size, self.crop, rng)).resize((self.size, self.size), self.resample)
+        box = square_box(*image.size, self.crop, rng)
+        image = image.crop(box).resize((self.resolution, self.resolution), self.resample)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {"image": to_array(image), "caption": self.caption(n, template)}  # image: (size, size, 3)
+        return {"image": to_array(image), "caption": self.caption(n, template)}  # image: (res, res, 3)
 
 
 class DreamBoothPairs(Dataset):
     """Each instance item with a class item for the prior-preservation loss (DreamBooth Eq. 2):
-    ``{"instance": instance[i], "class": reg[i % len(reg)]}``, or ``{"instance": ...}`` without
-    class images; ``len = len(instance)``."""
+    ``{"instance": instance[i], "class": class_images[i % len(class_images)]}``, or
+    ``{"instance": ...}`` without class images; ``len = len(instance)``."""
 
-    def __init__(self, instance: Dataset, reg: Dataset | None = None) -> None:
-        if reg is not None and len(reg) == 0:
-            raise ValueError("DreamBoothPairs: the class (reg) data set is empty")
-        self.instance, self.reg = instance, reg
+    def __init__(self, instance: Dataset, class_images: Dataset | None = None) -> None:
+        if class_images is not None and len(class_images) == 0:
+            raise ValueError("DreamBoothPairs: the class-image data set is empty")
+        self.instance, self.class_images = instance, class_images
 
     def __len__(self) -> int:
         return len(self.instance)
 
     def __getitem__(self, i: int) -> dict[str, dict]:
         item = {"instance": self.instance[i]}
-        if self.reg is not None:
-            item["class"] = self.reg[i % len(self.reg)]
+        if self.class_images is not None:
+            item["class"] = self.class_images[i % len(self.class_images)]
         return item

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from core.weights import load_state_dict, load_strict
+from ldm import compat
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
@@ -20,20 +21,19 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 class AutoencoderKL(nn.Module):
     """CompVis ``AutoencoderKL``: ``ddconfig`` builds the Encoder and Decoder; ``embed_dim`` is the latent width.
 
-    ``lossconfig`` is accepted so CompVis configs build unchanged; the training loss is not part of
-    this module. ``ckpt_path`` loads weights strictly after dropping keys that start with any of
-    ``ignore_keys`` (the released kl-f8 file also carries ``loss.*``: pass ``ignore_keys=["loss"]``).
+    CompVis configs build through ``from_config_params`` (``ldm.compat``), which drops ``lossconfig``
+    (the training loss is not part of this module) and ``monitor``. ``ckpt_path`` loads weights
+    strictly after dropping keys that start with any of ``ignore_keys`` (the released kl-f8 file
+    also carries ``loss.*``: pass ``ignore_keys=["loss"]``).
     """
 
-    def __init__(self, ddconfig: Mapping[str, Any], embed_dim: int, lossconfig: Mapping[str, Any] | None = None,
+    def __init__(self, ddconfig: Mapping[str, Any], embed_dim: int,
                  ckpt_path: str | os.PathLike | None = None, ignore_keys: Sequence[str] = (),
-                 image_key: str = "image", monitor: str | None = None):
+                 image_key: str = "image"):
         super().__init__()
-        del lossconfig  # training-only in CompVis; the sd-v1 autoencoder is frozen
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL: ddconfig.double_z must be true (the encoder predicts mean and log-variance)")
         self.image_key = image_key
-        self.monitor = monitor
         self.embed_dim = embed_dim
         self.factor = downsampling_factor(ddconfig)  # image size / latent size
         self.encoder = Encoder(**ddconfig)
@@ -42,6 +42,11 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    @classmethod
+    def from_config_params(cls, **params: Any) -> "AutoencoderKL":
+        """Build from CompVis config parameters (``ldm.compat``)."""
+        return cls(**compat.adapt("AutoencoderKL", params))
 
     def init_from_ckpt(self, path: str | os.PathLike, ignore_keys: Sequence[str] = ()) -> None:
         """Load ``path`` (``.ckpt`` or ``.safetensors``) strictly, without the keys under ``ignore_keys``."""

@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from core.weights import load_state_dict, load_strict
+from ldm import compat
 from ldm.models.diffusion.schedule import make_beta_schedule, q_sample, schedule_buffers
 from ldm.modules.ema import LitEma
 from core.config import instantiate_from_config
@@ -29,49 +30,35 @@ EMA_PREFIX = "model_ema."
 class DiffusionWrapper(nn.Module):
     """Holds the denoiser under ``diffusion_model`` (sd-v1 key ``model.diffusion_model.*``)."""
 
-    def __init__(self, unet_config: Mapping, conditioning_key: str | None):
+    def __init__(self, unet_config: Mapping):
         super().__init__()
-        if conditioning_key not in (None, "crossattn"):
-            raise ValueError(f"conditioning_key must be 'crossattn' or null, got {conditioning_key!r}")
         self.diffusion_model = instantiate_from_config(unet_config)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.diffusion_model(x, t, context=context)
 
 
-def _check_unsupported(**options: Any) -> None:
-    for name, (value, default) in options.items():
-        if value != default:
-            raise ValueError(f"{name}={value!r} is not supported (only {default!r})")
-
-
 class DDPM(pl.LightningModule):
     """Denoising diffusion with an eps-predicting network (Ho et al. 2020).
 
-    ``log_every_t`` and ``clip_denoised`` are accepted so CompVis configs build unchanged; the
-    samplers take their own ``log_every_t``, and eps-prediction here never clips x_0.
+    CompVis configs build through ``from_config_params`` (``ldm.compat``), which drops the
+    parameters kept only for compatibility; the constructor takes what the model uses.
+    ``image_size`` is the size the denoiser works at (latent pixels for LatentDiffusion).
     """
 
     def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
-                 loss_type: str = "l2", ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
-                 load_only_unet: bool = False, monitor: str | None = "val/loss", use_ema: bool = True,
+                 ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), use_ema: bool = True,
                  first_stage_key: str = "image", image_size: int = 256, channels: int = 3,
-                 log_every_t: int = 100, clip_denoised: bool = True, linear_start: float = 1e-4,
-                 linear_end: float = 2e-2, cosine_s: float = 8e-3, given_betas: Sequence[float] | None = None,
-                 original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
-                 conditioning_key: str | None = None, parameterization: str = "eps",
-                 scheduler_config: Mapping | None = None, use_positional_encodings: bool = False,
-                 learn_logvar: bool = False, logvar_init: float = 0.0, ema_decay: float = 0.9999):
+                 linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3,
+                 given_betas: Sequence[float] | None = None, v_posterior: float = 0.0,
+                 l_simple_weight: float = 1.0, scheduler_config: Mapping | None = None,
+                 ema_decay: float = 0.9999):
         super().__init__()
-        _check_unsupported(loss_type=(loss_type, "l2"), parameterization=(parameterization, "eps"),
-                           original_elbo_weight=(original_elbo_weight, 0.0), learn_logvar=(learn_logvar, False),
-                           use_positional_encodings=(use_positional_encodings, False),
-                           load_only_unet=(load_only_unet, False))
         self.first_stage_key = first_stage_key
         self.image_size, self.channels = image_size, channels
-        self.l_simple_weight, self.monitor = l_simple_weight, monitor
+        self.l_simple_weight = l_simple_weight
         self.scheduler_config = scheduler_config
-        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.model = DiffusionWrapper(unet_config)
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model, decay=ema_decay)
@@ -83,6 +70,11 @@ class DDPM(pl.LightningModule):
         self.learning_rate = 1e-4
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    @classmethod
+    def from_config_params(cls, **params: Any) -> "DDPM":
+        """Build from CompVis config parameters (``ldm.compat``)."""
+        return cls(**compat.adapt("DDPM", params))
 
     # ---- weights -------------------------------------------------------------------------
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
@@ -169,14 +161,12 @@ class LatentDiffusion(DDPM):
     """Diffusion in the latent space of a frozen KL autoencoder, conditioned by cross-attention on
     text embeddings (Rombach et al. 2022, arXiv 2112.10752)."""
 
-    def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, num_timesteps_cond: int = 1,
-                 cond_stage_key: str = "txt", cond_stage_trainable: bool = False, concat_mode: bool = True,
-                 cond_stage_forward: str | None = None, conditioning_key: str | None = "crossattn",
-                 scale_factor: float = 1.0, scale_by_std: bool = False, **kwargs: Any):
-        _check_unsupported(num_timesteps_cond=(num_timesteps_cond, 1), cond_stage_forward=(cond_stage_forward, None))
+    def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, cond_stage_key: str = "txt",
+                 cond_stage_trainable: bool = False, scale_factor: float = 1.0, scale_by_std: bool = False,
+                 **kwargs: Any):
         ckpt_path = kwargs.pop("ckpt_path", None)  # loaded below, once every sub-model exists
         ignore_keys = kwargs.pop("ignore_keys", ())
-        super().__init__(conditioning_key=conditioning_key, **kwargs)
+        super().__init__(**kwargs)
         self.cond_stage_key, self.cond_stage_trainable = cond_stage_key, cond_stage_trainable
         self.scale_by_std = scale_by_std
         if scale_by_std:
@@ -193,6 +183,11 @@ class LatentDiffusion(DDPM):
         self.restarted_from_ckpt = bool(ckpt_path)  # then scale_factor comes from the checkpoint
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    @classmethod
+    def from_config_params(cls, **params: Any) -> "LatentDiffusion":
+        """Build from CompVis config parameters (``ldm.compat``)."""
+        return cls(**compat.adapt("LatentDiffusion", params))
 
     def train(self, mode: bool = True) -> "LatentDiffusion":
         """Frozen parts stay in eval mode whatever the system's mode."""

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ldm import compat
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
@@ -43,15 +44,12 @@ class DreamBooth(LatentDiffusion):
     """LatentDiffusion trained on ``{"instance": {...}, "class": {...}}`` batches (class optional).
 
     ``train_text_encoder`` trains the CLIP text encoder too (its own learning rate ``text_encoder_lr``,
-    None = the UNet's); the VAE is always frozen. Every other argument is LatentDiffusion's.
+    None = the UNet's); the VAE is always frozen. Every other argument is LatentDiffusion's but
+    ``cond_stage_trainable``, which ``train_text_encoder`` sets.
     """
 
     def __init__(self, *, prior_loss_weight: float = 1.0, train_text_encoder: bool = True,
                  text_encoder_lr: float | None = None, cache_latents: bool = False, **kwargs: Any):
-        trainable = kwargs.pop("cond_stage_trainable", train_text_encoder)
-        if trainable != train_text_encoder:
-            raise ValueError(f"DreamBooth: cond_stage_trainable={trainable} contradicts train_text_encoder="
-                             f"{train_text_encoder}; set train_text_encoder only")
         if prior_loss_weight < 0:
             raise ValueError(f"DreamBooth: prior_loss_weight must be >= 0, got {prior_loss_weight}")
         if text_encoder_lr is not None and not train_text_encoder:
@@ -64,6 +62,12 @@ class DreamBooth(LatentDiffusion):
         self.model.requires_grad_(True)  # LatentDiffusion froze the VAE and set the text encoder as asked
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self._moment_cache: dict[bytes, torch.Tensor] = {}
+
+    @classmethod
+    def from_config_params(cls, **params: Any) -> "DreamBooth":
+        """Build from CompVis config parameters (``ldm.compat``; ``cond_stage_trainable`` only when it
+        agrees with ``train_text_encoder``)."""
+        return cls(**compat.dreambooth_params(params))
 
     # ---- inputs --------------------------------------------------------------------------------
     def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm import compat
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import checkpoint, normalization, timestep_embedding, zero_module
 
@@ -165,29 +166,19 @@ def _output_blocks(
     return nn.ModuleList(blocks)
 
 
-def _require(**options: tuple[Any, Any]) -> None:
-    """Raise for an option whose value differs from the one this implementation supports."""
-    for name, (value, supported) in options.items():
-        if value != supported:
-            raise ValueError(
-                f"UNetModel: {name}={value!r} is not implemented; only {name}={supported!r} (as in sd-v1)"
-            )
-
-
 class UNetModel(nn.Module):
-    """eps_theta(x_t, t, c): the sd-v1 UNet, CompVis constructor arguments and checkpoint keys.
+    """eps_theta(x_t, t, c): the sd-v1 UNet, CompVis checkpoint keys.
 
-    Implemented: 2-D, spatial transformers with cross-attention, num_heads / num_head_channels and
-    both `legacy` head rules, dropout, gradient checkpointing. Options of other CompVis models raise
-    ValueError (num_classes, n_embed, dims != 2, use_fp16 -- cast the module instead --,
+    2-D, spatial transformers with cross-attention, num_heads / num_head_channels and both `legacy`
+    head rules, dropout, gradient checkpointing. CompVis configs build through `from_config_params`
+    (`ldm.compat`): it drops `image_size`, `num_heads_upsample` and `use_new_attention_order` (no
+    effect on a spatial-transformer UNet, as in CompVis) and raises ValueError for the options of
+    other CompVis models (num_classes, n_embed, dims != 2, use_fp16 -- cast the module instead --,
     use_scale_shift_norm, resblock_updown, conv_resample=False, use_spatial_transformer=False).
-    `image_size`, `num_heads_upsample` and `use_new_attention_order` are accepted for config
-    compatibility; as in CompVis they have no effect on a spatial-transformer UNet.
     """
 
     def __init__(
         self,
-        image_size: int,
         in_channels: int,
         model_channels: int,
         out_channels: int,
@@ -195,34 +186,14 @@ class UNetModel(nn.Module):
         attention_resolutions: Sequence[int],
         dropout: float = 0.0,
         channel_mult: Sequence[int] = (1, 2, 4, 8),
-        conv_resample: bool = True,
-        dims: int = 2,
-        num_classes: Optional[int] = None,
         use_checkpoint: bool = False,
-        use_fp16: bool = False,
         num_heads: int = -1,
         num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-        use_new_attention_order: bool = False,
-        use_spatial_transformer: bool = False,
         transformer_depth: int = 1,
         context_dim: Optional[int] = None,
-        n_embed: Optional[int] = None,
         legacy: bool = True,
     ):
         super().__init__()
-        _require(
-            num_classes=(num_classes, None),
-            n_embed=(n_embed, None),
-            dims=(dims, 2),
-            use_fp16=(use_fp16, False),
-            use_scale_shift_norm=(use_scale_shift_norm, False),
-            resblock_updown=(resblock_updown, False),
-            conv_resample=(conv_resample, True),
-            use_spatial_transformer=(use_spatial_transformer, True),
-        )
         if not isinstance(context_dim, int):
             raise ValueError(f"UNetModel: context_dim must be an int (sd-v1: 768), got {context_dim!r}")
         if num_heads == -1 and num_head_channels == -1:
@@ -253,6 +224,11 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1))
         )
+
+    @classmethod
+    def from_config_params(cls, **params: Any) -> "UNetModel":
+        """Build from CompVis config parameters (`ldm.compat`)."""
+        return cls(**compat.adapt("UNetModel", params))
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None

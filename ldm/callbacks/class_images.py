@@ -1,5 +1,5 @@
 """Class images for DreamBooth's prior-preservation loss (Ruiz et al. 2022, arXiv 2208.12242, Sec. 3.3),
-sampled by the base model before training when ``reg_data_root`` holds too few.
+sampled by the base model before training when ``class_data_root`` holds too few.
 
 1. The folder is listed on every rank; it needs ``num_class_images - (images present)`` more
    (images of any name count, so a pre-generated set is used as it is). Those are the first
@@ -7,7 +7,7 @@ sampled by the base model before training when ``reg_data_root`` holds too few.
 2. Every rank has listed the folder before any writes (a barrier), then takes every
    ``world_size``-th missing index from its ``global_rank``.
 3. Image i comes from DDIM + CFG on ``prompt.format(class_word)`` starting from noise seeded
-   with ``base_seed + i`` (``ldm.callbacks.sampling``): the set is the same for any batch size,
+   with ``base_seed + i`` (``ldm.txt2img``): the set is the same for any batch size,
    rank count or interruption (up to the float rounding of batched kernels: a pixel may differ
    by one level). Files are written atomically as soon as their batch is done, with
    the prompt and seed in the PNG text chunks; a restarted run makes only what is still missing.
@@ -26,9 +26,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm import tqdm
 
-from ldm.callbacks.sampling import data_size, sample_images, sampling_mode
-from core.images import list_images
-from core.images import save_png
+from core.images import list_images, save_png
+from ldm.txt2img import sampling_mode, trained_resolution, txt2img
 
 CLASS_FILE = "class_{:05d}.png"
 
@@ -45,37 +44,37 @@ def chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-class RegularizationSampler(pl.Callback):
+class ClassImageSampler(pl.Callback):
     """Generates the missing class images in ``on_fit_start`` (see the module notes).
 
-    ``reg_data_root`` None: no prior preservation, nothing to do. ``size`` None: the model's
-    training size (latent ``image_size`` times the VAE factor).
+    ``class_data_root`` None: no prior preservation, nothing to do. ``resolution`` None: the model's
+    training resolution (latent ``image_size`` times the VAE factor).
     """
 
-    def __init__(self, reg_data_root: str | None, class_word: str | None, num_class_images: int = 100,
+    def __init__(self, class_data_root: str | None, class_word: str | None, num_class_images: int = 100,
                  base_seed: int = 0, ddim_steps: int = 50, scale: float = 7.5, eta: float = 0.0,
-                 batch_size: int = 4, prompt: str = "a photo of a {}", size: int | None = None,
+                 batch_size: int = 4, prompt: str = "a photo of a {}", resolution: int | None = None,
                  negative_prompt: str = ""):
         if num_class_images < 0 or batch_size < 1 or ddim_steps < 1:
-            raise ValueError(f"RegularizationSampler: num_class_images={num_class_images}, batch_size="
+            raise ValueError(f"ClassImageSampler: num_class_images={num_class_images}, batch_size="
                              f"{batch_size}, ddim_steps={ddim_steps}: expected >= 0, >= 1, >= 1")
         if "{}" not in prompt:
-            raise ValueError(f"RegularizationSampler: prompt {prompt!r} needs a '{{}}' for the class word")
-        self.reg_data_root, self.class_word = reg_data_root, class_word
+            raise ValueError(f"ClassImageSampler: prompt {prompt!r} needs a '{{}}' for the class word")
+        self.class_data_root, self.class_word = class_data_root, class_word
         self.num_class_images, self.base_seed, self.batch_size = num_class_images, base_seed, batch_size
         self.ddim_steps, self.scale, self.eta = ddim_steps, scale, eta
-        self.prompt, self.size, self.negative_prompt = prompt, size, negative_prompt
+        self.prompt, self.resolution, self.negative_prompt = prompt, resolution, negative_prompt
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.reg_data_root is None:
+        if self.class_data_root is None:
             return
-        todo = missing_indices(self.reg_data_root, self.num_class_images)
+        todo = missing_indices(self.class_data_root, self.num_class_images)
         if todo and self.class_word is None:
-            raise ValueError(f"{self.reg_data_root}: {len(todo)} class images are missing and no class word "
+            raise ValueError(f"{self.class_data_root}: {len(todo)} class images are missing and no class word "
                              "was given to generate them (pass --class_word, e.g. --class_word dog)")
         trainer.strategy.barrier()  # every rank has listed the folder before anyone writes to it
         if todo:
-            rank_zero_info(f"{self.reg_data_root}: generating {len(todo)} class images "
+            rank_zero_info(f"{self.class_data_root}: generating {len(todo)} class images "
                            f"of {self.prompt.format(self.class_word)!r}")
         mine = todo[trainer.global_rank::trainer.world_size]
         if mine:
@@ -85,17 +84,18 @@ class RegularizationSampler(pl.Callback):
 
     def generate(self, model: Any, indices: Sequence[int], progress: bool = False) -> list[Path]:
         """Make and write class images ``indices`` (inside ``sampling_mode``)."""
-        root, prompt = Path(self.reg_data_root), self.prompt.format(self.class_word)
-        size = self.size or data_size(model)
+        root, prompt = Path(self.class_data_root), self.prompt.format(self.class_word)
+        resolution = self.resolution or trained_resolution(model)
         written = []
         with tqdm(total=len(indices), desc="class images", disable=not progress) as bar:
             for chunk in chunks(indices, self.batch_size):
                 seeds = [self.base_seed + i for i in chunk]
-                images = sample_images(model, [prompt] * len(chunk), seeds, size, self.ddim_steps, self.scale,
-                                       self.eta, self.negative_prompt)
+                images = txt2img(model, [prompt] * len(chunk), seeds, resolution, resolution, self.ddim_steps,
+                                 self.scale, self.eta, self.negative_prompt)
                 for i, seed, image in zip(chunk, seeds, images):
                     info = dict(prompt=prompt, negative_prompt=self.negative_prompt, seed=seed, index=i,
-                                sampler="ddim", steps=self.ddim_steps, scale=self.scale, eta=self.eta, size=size)
+                                sampler="ddim", steps=self.ddim_steps, scale=self.scale, eta=self.eta,
+                                resolution=resolution)
                     written.append(save_png(image, root / CLASS_FILE.format(i), info))
                 bar.update(len(chunk))
         return written

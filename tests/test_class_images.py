@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-import ldm.callbacks.regularization as regularization
+import ldm.callbacks.class_images as class_images
 from ldm.callbacks.image_logger import ImageLogger
-from ldm.callbacks.regularization import RegularizationSampler
+from ldm.callbacks.class_images import ClassImageSampler
 from ldm.modules.ema import LitEma
 from tests.sd_fixtures import tiny_model
 
@@ -36,7 +36,7 @@ def fake_trainer(rank: int = 0, world: int = 1, barrier: threading.Barrier | Non
                            precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext), **extra)
 
 
-class Recording(RegularizationSampler):
+class Recording(ClassImageSampler):
     """Remembers which indices it generated."""
 
     def generate(self, model, indices, progress=False):
@@ -131,7 +131,7 @@ def test_image_i_depends_only_on_its_seed_not_on_batch_size_or_rank(model, refer
 
 
 def test_an_interrupted_run_resumes_without_touching_what_was_written(model, reference, tmp_path, monkeypatch):
-    folder, real_save, saved = tmp_path / "class", regularization.save_png, []
+    folder, real_save, saved = tmp_path / "class", class_images.save_png, []
 
     def save_then_die(image, path, info):
         if saved:
@@ -139,13 +139,13 @@ def test_an_interrupted_run_resumes_without_touching_what_was_written(model, ref
         saved.append(path)
         return real_save(image, path, info)
 
-    monkeypatch.setattr(regularization, "save_png", save_then_die)
+    monkeypatch.setattr(class_images, "save_png", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         sampler(folder).on_fit_start(fake_trainer(), model)
     assert everything(folder) == ["class_00000.png"]  # no temporary files left behind
     first = folder / "class_00000.png"
     before = (first.read_bytes(), first.stat().st_mtime_ns)
-    monkeypatch.setattr(regularization, "save_png", real_save)
+    monkeypatch.setattr(class_images, "save_png", real_save)
     resumed = sampler(folder)
     resumed.on_fit_start(fake_trainer(), model)
     assert resumed.made == [1, 2] and everything(folder) == list(reference)
@@ -162,16 +162,16 @@ def test_images_of_any_name_count_and_a_missing_class_word_is_one_clear_error(mo
     folder.mkdir()
     for name in ("a.jpg", "b.png", "c.webp"):
         Image.new("RGB", (8, 8)).save(folder / name)
-    done = RegularizationSampler(str(folder), None, num_class_images=3)
+    done = ClassImageSampler(str(folder), None, num_class_images=3)
     done.on_fit_start(fake_trainer(), model)  # enough images: no class word needed, nothing made
     assert everything(folder) == ["a.jpg", "b.png", "c.webp"]
     with pytest.raises(ValueError, match=r"pre-generated: 1 class images are missing .* --class_word"):
-        RegularizationSampler(str(folder), None, num_class_images=4).on_fit_start(fake_trainer(), model)
+        ClassImageSampler(str(folder), None, num_class_images=4).on_fit_start(fake_trainer(), model)
     off = fake_trainer()
-    RegularizationSampler(None, None).on_fit_start(off, model)
+    ClassImageSampler(None, None).on_fit_start(off, model)
     assert off.strategy.calls == 0
     with pytest.raises(ValueError, match="needs a '{}' for the class word"):
-        RegularizationSampler(str(folder), "dog", prompt="a photo of a dog")
+        ClassImageSampler(str(folder), "dog", prompt="a photo of a dog")
 
 
 def test_the_ema_weights_make_the_images(model, reference, tmp_path):
