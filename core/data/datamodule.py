@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -62,6 +63,9 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if self._sampler_state is not None:
             self.sampler.load_state_dict(self._sampler_state)
             self._sampler_state = None
+        elif self.trainer is not None and self.trainer.global_step > 0:
+            rank_zero_warn(f"the checkpoint holds no data order for {type(self).__qualname__} (saved by another "
+                           "data module class?): the resumed run starts its epoch's order from the beginning")
         return self._loader(dataset, self.sampler)
 
     def _val_dataloader(self) -> DataLoader:
