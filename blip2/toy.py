@@ -1,5 +1,5 @@
 """The toy world's BLIP-2 captioner: ViT, Q-Former and OPT-style decoder, all trained from scratch on
-the coloured shapes of ``ldm.data.shapes`` (configs/toy/blip2.yaml), with a byte-level BPE trained
+the coloured shapes of ``toy.shapes`` (configs/toy/blip2.yaml), with a byte-level BPE trained
 here on the training captions.
 
 It serves as the toy world's judge of generated images: ``caption_images`` names what an image
@@ -34,7 +34,7 @@ from blip2.data.captions import MODES
 from blip2.models.blip2_opt import Blip2OPT
 from blip2.processors import CLIP_MEAN, CLIP_STD, Blip2ImageProcessor
 from blip2.train import Blip2OPTFinetune
-from ldm.data.shapes import (
+from toy.shapes import (
     ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,

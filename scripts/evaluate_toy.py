@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from blip2.toy import caption_accuracy, caption_images, embed_images, load_captioner
 from ldm.callbacks.sampling import sample_images, sampling_mode
-from ldm.data.shapes import (
+from toy.shapes import (
     ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,

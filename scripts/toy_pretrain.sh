@@ -14,7 +14,7 @@ RUNS=logs/toy_pretrain
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # the measured times are for one thread
 latest() { ls -d "$RUNS"/*_"$1" | tail -n 1; }
 
-"$PY" -m ldm.data.shapes --subject data/toy_subject --num 4
+"$PY" -m toy.shapes --subject data/toy_subject --num 4
 
 "$PY" main.py --base configs/toy/vae.yaml -t -n toy_vae --logdir "$RUNS"
 VAE=$(latest toy_vae)/checkpoints/last.ckpt

@@ -24,7 +24,7 @@ from blip2.toy import (
     load_captioner,
     train_tokenizer,
 )
-from ldm.data.shapes import parse_caption, render, scene_of
+from toy.shapes import parse_caption, render, scene_of
 from tests._util import rel_err
 from tests.blip2_fixtures import load_reference, one_torch_thread
 from tests.main_helpers import read_scalars, run_dirs, run_main

@@ -11,8 +11,8 @@ prompts such as DreamBooth's "a circle" mean something to the toy text-to-image 
 The DreamBooth subject of the toy world is ``SUBJECT``: one distinctive object (a purple circle
 with a yellow dot in its centre) that the training split never shows.
 
-    python -m ldm.data.shapes --out data/shapes_test --split test --num 200   # PNGs + captions.jsonl
-    python -m ldm.data.shapes --subject data/toy_subject --num 4              # the subject's photos
+    python -m toy.shapes --out data/shapes_test --split test --num 200   # PNGs + captions.jsonl
+    python -m toy.shapes --subject data/toy_subject --num 4              # the subject's photos
 """
 from __future__ import annotations
 
