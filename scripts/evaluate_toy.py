@@ -33,16 +33,21 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from blip2.toy import caption_accuracy, caption_images, embed_images, load_captioner
 from ldm.callbacks.sampling import sample_images, sampling_mode
+from toy.judge import (
+    attribute_scores,
+    caption_accuracy,
+    caption_images,
+    embed_images,
+    load_captioner,
+    parse_caption,
+)
 from toy.shapes import (
     ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,
     SHAPES,
     SUBJECT,
-    attribute_scores,
-    parse_caption,
     subject_scene,
     write_images,
 )

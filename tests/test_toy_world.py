@@ -10,12 +10,12 @@ from toy.shapes import (
     SHAPES,
     SUBJECT,
     ShapesDataset,
-    parse_caption,
     render,
     scene_of,
     subject_scene,
 )
 from toy.shapes import main as shapes_main
+from toy.judge import parse_caption
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.autoencoder_training import AutoencoderKLTraining
 
@@ -148,7 +148,7 @@ def test_toy_dreambooth_fine_tunes_the_toy_base_model_as_it_was_built():
 
 
 def test_attribute_scores_count_each_attribute_and_exact_matches():
-    from toy.shapes import attribute_scores
+    from toy.judge import attribute_scores
     wanted = [{"colour": "red", "shape": "circle", "background": "white"}] * 4
     read = [parse_caption(c) for c in ("a red circle on a white background", "a red square on a white background",
                                        "a blue circle", "a red circle on a black background")]

@@ -4,9 +4,10 @@ Every item is a pure function of (split, seed, index): a ``Scene`` (colour, shap
 centre, size, rotation) drawn from its own generator and rendered anti-aliased (drawn at 4x and
 reduced). Splits draw from disjoint streams, so "val" and "test" images are held out from "train".
 
-Captions name the attributes, e.g. "a red circle on a white background"; training captions may
-leave attributes out ("a red circle", "a circle on a black background", "a circle"), so short
-prompts such as DreamBooth's "a circle" mean something to the toy text-to-image model.
+Captions name the attributes, e.g. "a red circle on a white background" (``toy.judge.parse_caption``
+reads them back); training captions may leave attributes out ("a red circle", "a circle on a black
+background", "a circle"), so short prompts such as DreamBooth's "a circle" mean something to the toy
+text-to-image model.
 
 The DreamBooth subject of the toy world is ``SUBJECT``: one distinctive object (a purple circle
 with a yellow dot in its centre) that the training split never shows.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -154,31 +154,6 @@ class ShapesDataset(Dataset):
         scene = open_palette_scene(rng) if self.open_palette and rng.random() < self.open_palette else random_scene(rng)
         caption = scene.caption() if self.captions == "full" else training_caption(scene, rng, self.caption_dropout)
         return {"image": to_array(render(scene, self.size)), "caption": caption}
-
-
-def attribute_scores(read: Sequence[dict], wanted: Sequence[dict]) -> dict[str, float]:
-    """How often the attributes read (``parse_caption``) are the wanted ones: per attribute, and
-    ``exact`` (all of ``ATTRIBUTES`` right at once)."""
-    if len(read) != len(wanted) or not read:
-        raise ValueError(f"attribute_scores: {len(read)} read and {len(wanted)} wanted, expected equal, > 0")
-    hits = [{a: r[a] == w[a] for a in ATTRIBUTES} for r, w in zip(read, wanted)]
-    return {"exact": sum(all(h.values()) for h in hits) / len(hits),
-            **{a: sum(h[a] for h in hits) / len(hits) for a in ATTRIBUTES}}
-
-
-def parse_caption(text: str) -> dict[str, str | None]:
-    """The attributes a caption names: ``{"colour", "shape", "background"}`` (None where it names none;
-    the background is the colour word right before "background", the colour the one before the shape)."""
-    words = re.findall(r"[a-z]+", text.lower())
-    found: dict[str, str | None] = {"colour": None, "shape": None, "background": None}
-    for k, word in enumerate(words):
-        if word in SHAPES and found["shape"] is None:
-            found["shape"] = word
-            if k > 0 and words[k - 1] in COLOURS:
-                found["colour"] = words[k - 1]
-        elif word == "background" and k > 0 and words[k - 1] in BACKGROUNDS:
-            found["background"] = words[k - 1]
-    return found
 
 
 # ---- the DreamBooth subject ------------------------------------------------------------------------
