@@ -3,7 +3,7 @@
 # (configs/toy/blip2.yaml) -> HF export to models/toy/blip2 -> test-split caption accuracy.
 # One torch thread (the measured time in configs/toy/blip2.yaml is for one thread of a shared CPU).
 #
-#   bash scripts/toy_pretrain_blip2.sh [python]   (default: .venv/bin/python if present, else python)
+#   bash toy/pretrain_captioner.sh [python]   (default: .venv/bin/python if present, else python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
