@@ -25,6 +25,7 @@ from blip2.data.captions import MODES
 from blip2.models.blip2_opt import Blip2OPT
 from blip2.processors import CLIP_MEAN, CLIP_STD, Blip2ImageProcessor
 from blip2.train import Blip2OPTFinetune
+from core.cli import run_cli
 from toy.shapes import BACKGROUNDS, COLOURS, SHAPES, render, scene_of
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0, 1, 2, 3
@@ -129,14 +130,20 @@ class ToyBlip2Finetune(Blip2OPTFinetune):
             init_weights(self.model, init_std)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="The toy BLIP-2 captioner's caption tokenizer.")
+def run(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m toy.captioner",
+                                description="The toy BLIP-2 captioner's caption tokenizer.")
     sub = p.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokenizer", help="train the caption tokenizer on the training captions")
     tok.add_argument("--out", default="models/toy/blip2-tokenizer")
     opt = p.parse_args(argv)
     print(f"{opt.out}: {len(train_tokenizer(opt.out))} tokens")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m toy.captioner``: bad input is one line on stderr and exit status 2."""
+    return run_cli("python -m toy.captioner", run, argv)
 
 
 if __name__ == "__main__":

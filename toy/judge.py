@@ -24,6 +24,7 @@ from PIL import Image
 
 from blip2.models.blip2_opt import Blip2OPT
 from blip2.processors import Blip2ImageProcessor
+from core.cli import run_cli
 from toy import ROOT
 from toy.shapes import ATTRIBUTES, BACKGROUNDS, COLOURS, SHAPES, render, scene_of
 
@@ -99,8 +100,9 @@ def caption_accuracy(model: Blip2OPT, split: str = "test", num: int = 200, seed:
     return {**attribute_scores(found, wanted), "num": num}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="The toy BLIP-2 captioner as a judge: its caption accuracy.")
+def run(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m toy.judge",
+                                description="The toy BLIP-2 captioner as a judge: its caption accuracy.")
     sub = p.add_subparsers(dest="command", required=True)
     acc = sub.add_parser("accuracy", help="attribute-level caption accuracy on held-out scenes (JSON)")
     acc.add_argument("--model", default=str(TOY_CAPTIONER))
@@ -110,6 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     opt = p.parse_args(argv)
     print(json.dumps(caption_accuracy(load_captioner(opt.model), opt.split, opt.num, opt.seed)))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m toy.judge``: bad input is one line on stderr and exit status 2."""
+    return run_cli("python -m toy.judge", run, argv)
 
 
 if __name__ == "__main__":

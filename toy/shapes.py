@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from core.cli import run_cli
 from core.images import to_array
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 225), "yellow": (240, 205, 40),
@@ -180,8 +181,9 @@ def write_images(scenes: Sequence[Scene], out: Path, size: int, captions: bool =
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Write toy shapes images (a split, or the DreamBooth subject).")
+def run(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m toy.shapes",
+                                description="Write toy shapes images (a split, or the DreamBooth subject).")
     p.add_argument("--out", help="folder for a split's PNGs and captions.jsonl")
     p.add_argument("--subject", help="folder for the subject's photos (captions.jsonl not written)")
     p.add_argument("--split", default="test", choices=SPLITS)
@@ -196,6 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         write_images([scene_of(opt.split, opt.seed, i) for i in range(opt.num)], Path(opt.out), opt.size)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m toy.shapes``: bad input is one line on stderr and exit status 2."""
+    return run_cli("python -m toy.shapes", run, argv)
 
 
 if __name__ == "__main__":
