@@ -4,7 +4,7 @@ setup(
     name="dreambooth-blip2",
     version="0.1.0",
     description="DreamBooth on Stable Diffusion v1 and BLIP-2 OPT, reimplemented faithfully in one codebase",
-    packages=find_packages(include=["core", "core.*", "ldm", "ldm.*", "blip2", "blip2.*"]),
+    packages=find_packages(include=["core", "core.*", "ldm", "ldm.*", "blip2", "blip2.*", "toy", "toy.*"]),
     package_data={"ldm.modules.encoders": ["bpe_simple_vocab_16e6.txt.gz"]},
     python_requires=">=3.10",
     install_requires=[

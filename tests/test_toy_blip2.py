@@ -1,4 +1,5 @@
-"""The toy world's BLIP-2 captioner (blip2/toy.py, configs/toy/blip2.yaml, models/toy/blip2): the
+"""The toy world's BLIP-2 captioner (toy/captioner.py, toy/judge.py, configs/toy/blip2.yaml,
+models/toy/blip2): the
 shipped weights' caption accuracy on held-out shapes, their transformers twin, the caption
 tokenizer, the data set, the config through main.py, and the image embeddings."""
 import itertools
@@ -12,19 +13,18 @@ from blip2.data.captions import collate
 from blip2.lm_loss import CAPTION_END
 from blip2.models.blip2_opt import newline_token_id
 from blip2.processors import Blip2ImageProcessor
-from blip2.toy import (
-    ATTRIBUTES,
+from toy.captioner import ToyCaptions, train_tokenizer
+from toy.judge import (
     TOY_CAPTIONER,
     TOY_GENERATION,
     TOY_PROMPT,
-    ToyCaptions,
     caption_accuracy,
     caption_images,
     embed_images,
     load_captioner,
-    train_tokenizer,
+    parse_caption,
 )
-from ldm.data.shapes import parse_caption, render, scene_of
+from toy.shapes import ATTRIBUTES, render, scene_of
 from tests._util import rel_err
 from tests.blip2_fixtures import load_reference, one_torch_thread
 from tests.main_helpers import read_scalars, run_dirs, run_main

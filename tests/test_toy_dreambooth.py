@@ -1,6 +1,6 @@
 """The toy world end to end: the README's main command (DreamBooth with prior preservation on the
-shipped toy base model) and the learning results of scripts/evaluate_toy.py at fixed seeds."""
-import importlib.util
+shipped toy base model) and the learning results of scripts/evaluate_toy.py (toy/evaluate.py) at
+fixed seeds."""
 import os
 import shlex
 import subprocess
@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.sd_fixtures import ROOT
+from toy.evaluate import evaluate, load_sd, parse_args
 
 # Measured with these settings (200 test images, 2 samples a prompt, 32 samples for rows 3 and 4) on
 # the shipped weights: captioner exact 0.715; base exact 0.683, colour 1.0; subject read 0.438 (base),
@@ -22,11 +23,6 @@ CAPTION_EXACT, BASE_EXACT, BASE_COLOUR = 0.685, 0.6, 0.95
 SUBJECT_MATCH, SIMILARITY_GAIN = 0.8, 0.3
 CLASS_CORRECT, DRIFT_GAP = 0.45, 0.6
 
-_spec = importlib.util.spec_from_file_location("evaluate_toy", ROOT / "scripts" / "evaluate_toy.py")
-evaluate_toy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate_toy)
-
-
 def readme_main_command() -> list[str]:
     """README command 1 after the setup step, with this interpreter for .venv/bin/python."""
     text = (ROOT / "README.md").read_text()
@@ -36,7 +32,7 @@ def readme_main_command() -> list[str]:
 
 
 def test_readme_main_command_runs_dreambooth_on_the_toy_world(tmp_path):
-    for name in ("configs", "models", "data", "main.py", "ldm", "blip2", "scripts"):
+    for name in ("configs", "models", "data", "main.py", "ldm", "blip2", "toy", "scripts"):
         os.symlink(ROOT / name, tmp_path / name)
     argv = readme_main_command()
     assert argv[1] == "main.py" and "--reg_data_root" in argv and "configs/toy/dreambooth.yaml" in argv
@@ -52,7 +48,7 @@ def test_readme_main_command_runs_dreambooth_on_the_toy_world(tmp_path):
     exported = load_file(str(run / "export" / "model.safetensors"))
     assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) or
                k in ("betas", "scale_factor") or "alphas" in k or "posterior" in k or "sqrt" in k for k in exported)
-    model = evaluate_toy.load_sd(run / "export" / "model.safetensors")  # loads strictly with configs/toy/sd.yaml
+    model = load_sd(run / "export" / "model.safetensors")  # loads strictly with configs/toy/sd.yaml
     assert model.scale_factor.item() == load_file(str(ROOT / "models/toy/sd.safetensors"))["scale_factor"].item()
     sample = subprocess.run([sys.executable, "scripts/sample.py", "--config", "configs/toy/sd.yaml", "--ckpt",
                              str(run / "export" / "model.safetensors"), "--prompt", "a sks circle", "--H", "32",
@@ -62,13 +58,13 @@ def test_readme_main_command_runs_dreambooth_on_the_toy_world(tmp_path):
     assert len(list((tmp_path / "samples" / "samples").glob("*.png"))) == 2
 
 
-# ---- the learning results (scripts/evaluate_toy.py, fewer samples than the README's table) ---------
+# ---- the learning results (toy/evaluate.py, fewer samples than the README's table) -----------------
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     torch.set_num_threads(2)
     argv = ["--out", str(tmp_path_factory.mktemp("toy_eval")), "--num_test", "200", "--per_prompt", "2",
             "--num", "32"]
-    return evaluate_toy.evaluate(evaluate_toy.parse_args(argv))
+    return evaluate(parse_args(argv))
 
 
 def test_captioner_reads_held_out_images(results):

@@ -1,21 +1,21 @@
-"""The toy world's data (ldm/data/shapes.py) and its KL-autoencoder training system."""
+"""The toy world's data (toy/shapes.py) and its KL-autoencoder training system."""
 import numpy as np
 import pytest
 import torch
 
-from ldm.data.shapes import (
+from toy.shapes import (
     BACKGROUNDS,
     CAPTION_TEMPLATES,
     COLOURS,
     SHAPES,
     SUBJECT,
     ShapesDataset,
-    parse_caption,
     render,
     scene_of,
     subject_scene,
 )
-from ldm.data.shapes import main as shapes_main
+from toy.shapes import main as shapes_main
+from toy.judge import parse_caption
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.autoencoder_training import AutoencoderKLTraining
 
@@ -96,7 +96,7 @@ def test_autoencoder_training_loss_and_keys(tmp_path):
 
 
 def test_open_palette_items_widen_the_autoencoder_world():
-    from ldm.data.shapes import open_palette_scene
+    from toy.shapes import open_palette_scene
     plain, mixed = ShapesDataset("train", 400), ShapesDataset("train", 400, open_palette=0.5)
     named = {tuple(c) for c in list(COLOURS.values()) + list(BACKGROUNDS.values())}
 
@@ -148,7 +148,7 @@ def test_toy_dreambooth_fine_tunes_the_toy_base_model_as_it_was_built():
 
 
 def test_attribute_scores_count_each_attribute_and_exact_matches():
-    from ldm.data.shapes import attribute_scores
+    from toy.judge import attribute_scores
     wanted = [{"colour": "red", "shape": "circle", "background": "white"}] * 4
     read = [parse_caption(c) for c in ("a red circle on a white background", "a red square on a white background",
                                        "a blue circle", "a red circle on a black background")]

@@ -4,22 +4,22 @@ Every item is a pure function of (split, seed, index): a ``Scene`` (colour, shap
 centre, size, rotation) drawn from its own generator and rendered anti-aliased (drawn at 4x and
 reduced). Splits draw from disjoint streams, so "val" and "test" images are held out from "train".
 
-Captions name the attributes, e.g. "a red circle on a white background"; training captions may
-leave attributes out ("a red circle", "a circle on a black background", "a circle"), so short
-prompts such as DreamBooth's "a circle" mean something to the toy text-to-image model.
+Captions name the attributes, e.g. "a red circle on a white background" (``toy.judge.parse_caption``
+reads them back); training captions may leave attributes out ("a red circle", "a circle on a black
+background", "a circle"), so short prompts such as DreamBooth's "a circle" mean something to the toy
+text-to-image model.
 
 The DreamBooth subject of the toy world is ``SUBJECT``: one distinctive object (a purple circle
 with a yellow dot in its centre) that the training split never shows.
 
-    python -m ldm.data.shapes --out data/shapes_test --split test --num 200   # PNGs + captions.jsonl
-    python -m ldm.data.shapes --subject data/toy_subject --num 4              # the subject's photos
+    python -m toy.shapes --out data/shapes_test --split test --num 200   # PNGs + captions.jsonl
+    python -m toy.shapes --subject data/toy_subject --num 4              # the subject's photos
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from core.cli import run_cli
 from core.images import to_array
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 225), "yellow": (240, 205, 40),
@@ -156,31 +157,6 @@ class ShapesDataset(Dataset):
         return {"image": to_array(render(scene, self.size)), "caption": caption}
 
 
-def attribute_scores(read: Sequence[dict], wanted: Sequence[dict]) -> dict[str, float]:
-    """How often the attributes read (``parse_caption``) are the wanted ones: per attribute, and
-    ``exact`` (all of ``ATTRIBUTES`` right at once)."""
-    if len(read) != len(wanted) or not read:
-        raise ValueError(f"attribute_scores: {len(read)} read and {len(wanted)} wanted, expected equal, > 0")
-    hits = [{a: r[a] == w[a] for a in ATTRIBUTES} for r, w in zip(read, wanted)]
-    return {"exact": sum(all(h.values()) for h in hits) / len(hits),
-            **{a: sum(h[a] for h in hits) / len(hits) for a in ATTRIBUTES}}
-
-
-def parse_caption(text: str) -> dict[str, str | None]:
-    """The attributes a caption names: ``{"colour", "shape", "background"}`` (None where it names none;
-    the background is the colour word right before "background", the colour the one before the shape)."""
-    words = re.findall(r"[a-z]+", text.lower())
-    found: dict[str, str | None] = {"colour": None, "shape": None, "background": None}
-    for k, word in enumerate(words):
-        if word in SHAPES and found["shape"] is None:
-            found["shape"] = word
-            if k > 0 and words[k - 1] in COLOURS:
-                found["colour"] = words[k - 1]
-        elif word == "background" and k > 0 and words[k - 1] in BACKGROUNDS:
-            found["background"] = words[k - 1]
-    return found
-
-
 # ---- the DreamBooth subject ------------------------------------------------------------------------
 SUBJECT = {"colour": "purple", "shape": "circle", "background": "white", "class_word": "circle"}
 
@@ -205,8 +181,9 @@ def write_images(scenes: Sequence[Scene], out: Path, size: int, captions: bool =
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Write toy shapes images (a split, or the DreamBooth subject).")
+def run(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m toy.shapes",
+                                description="Write toy shapes images (a split, or the DreamBooth subject).")
     p.add_argument("--out", help="folder for a split's PNGs and captions.jsonl")
     p.add_argument("--subject", help="folder for the subject's photos (captions.jsonl not written)")
     p.add_argument("--split", default="test", choices=SPLITS)
@@ -221,6 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         write_images([scene_of(opt.split, opt.seed, i) for i in range(opt.num)], Path(opt.out), opt.size)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m toy.shapes``: bad input is one line on stderr and exit status 2."""
+    return run_cli("python -m toy.shapes", run, argv)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,11 @@
-"""The toy world's BLIP-2 captioner: ViT, Q-Former and OPT-style decoder, all trained from scratch on
-the coloured shapes of ``ldm.data.shapes`` (configs/toy/blip2.yaml), with a byte-level BPE trained
-here on the training captions.
+"""The toy world's BLIP-2 captioner, as trained: ViT, Q-Former and OPT-style decoder, all trained from
+scratch on the coloured shapes of ``toy.shapes`` (configs/toy/blip2.yaml), with a byte-level BPE
+trained here on the training captions. Reading images with the trained captioner is ``toy.judge``.
 
-It serves as the toy world's judge of generated images: ``caption_images`` names what an image
-shows ("a red circle on a white background"), ``parse_caption`` turns that into attributes, and
-``embed_images`` gives unit image embeddings (the mean of the visual prompt, the Q query outputs
-projected into OPT's width): the toy analog of CLIP-I / DINO similarity.
-
-    python -m blip2.toy tokenizer --out models/toy/blip2-tokenizer   # the caption tokenizer
-    python -m blip2.toy accuracy --model models/toy/blip2 --split test --num 200
+    python -m toy.captioner tokenizer --out models/toy/blip2-tokenizer   # the caption tokenizer
 
 Training (``ToyBlip2Finetune``, ``prompt`` ""): BERT-style initialisation, then the loss of
-bos + caption + "\\n" after the queries (``blip2.lm_loss``); captioning decodes greedily from bos
-(``TOY_GENERATION``) and stops at "\\n".
+bos + caption + "\\n" after the queries (``blip2.lm_loss``) on ``ToyCaptions``.
 """
 from __future__ import annotations
 
@@ -25,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -34,23 +25,11 @@ from blip2.data.captions import MODES
 from blip2.models.blip2_opt import Blip2OPT
 from blip2.processors import CLIP_MEAN, CLIP_STD, Blip2ImageProcessor
 from blip2.train import Blip2OPTFinetune
-from ldm.data.shapes import (
-    ATTRIBUTES,
-    BACKGROUNDS,
-    COLOURS,
-    SHAPES,
-    attribute_scores,
-    parse_caption,
-    render,
-    scene_of,
-)
+from core.cli import run_cli
+from toy.shapes import BACKGROUNDS, COLOURS, SHAPES, render, scene_of
 
-ROOT = Path(__file__).resolve().parents[1]
-TOY_CAPTIONER = ROOT / "models" / "toy" / "blip2"
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0, 1, 2, 3
 IMAGE_TOKEN = "<image>"
-TOY_PROMPT = ""  # the training prompt (configs/toy/blip2.yaml); none: the caption follows bos
-TOY_GENERATION = {"num_beams": 1, "max_new_tokens": 12, "min_new_tokens": 0}  # greedy
 
 
 # ---- the tokenizer -------------------------------------------------------------------------------
@@ -151,63 +130,20 @@ class ToyBlip2Finetune(Blip2OPTFinetune):
             init_weights(self.model, init_std)
 
 
-# ---- the captioner -------------------------------------------------------------------------------
-def load_captioner(folder: str | os.PathLike = TOY_CAPTIONER, device: str | torch.device = "cpu") -> Blip2OPT:
-    """The shipped toy captioner (an HF folder written by ``blip2.export``), fp32, in eval mode."""
-    return Blip2OPT.from_pretrained(folder, device=device).eval()
-
-
-def _pixels(model: Blip2OPT, images: Sequence[Image.Image]) -> torch.Tensor:
-    processor = Blip2ImageProcessor(model.image_size, model.image_mean, model.image_std)
-    return processor(images).to(model.query_tokens.device)  # (B, 3, s, s)
-
-
-def _batches(images: Sequence[Image.Image], batch_size: int) -> list[Sequence[Image.Image]]:
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: expected >= 1")
-    return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
-
-
-def caption_images(model: Blip2OPT, images: Sequence[Image.Image], batch_size: int = 64) -> list[str]:
-    """One caption per image: greedy decoding from bos (``TOY_GENERATION``), as trained."""
-    captions: list[str] = []
-    for batch in _batches(images, batch_size):
-        captions += model.generate(_pixels(model, batch), prompt=TOY_PROMPT or None, **TOY_GENERATION)
-    return captions
-
-
-@torch.no_grad()
-def embed_images(model: Blip2OPT, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
-    """[N, D_lm] unit image embeddings: the mean over the Q visual-prompt vectors, L2-normalised."""
-    parts = [model.encode_image(_pixels(model, batch)).float().mean(dim=1) for batch in _batches(images, batch_size)]
-    return F.normalize(torch.cat(parts), dim=-1)  # (N, D)
-
-
-def caption_accuracy(model: Blip2OPT, split: str = "test", num: int = 200, seed: int = 0) -> dict[str, float]:
-    """Attribute-level accuracy of the captions of ``num`` scenes of ``split``: ``exact`` (colour,
-    shape and background all right, as read by ``parse_caption``) and each attribute's own rate."""
-    scenes = [scene_of(split, seed, i) for i in range(num)]
-    found = [parse_caption(c) for c in caption_images(model, [render(s, model.image_size) for s in scenes])]
-    wanted = [{a: getattr(s, a) for a in ATTRIBUTES} for s in scenes]
-    return {**attribute_scores(found, wanted), "num": num}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="The toy BLIP-2 captioner: its tokenizer and its accuracy.")
+def run(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m toy.captioner",
+                                description="The toy BLIP-2 captioner's caption tokenizer.")
     sub = p.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokenizer", help="train the caption tokenizer on the training captions")
     tok.add_argument("--out", default="models/toy/blip2-tokenizer")
-    acc = sub.add_parser("accuracy", help="attribute-level caption accuracy on held-out scenes (JSON)")
-    acc.add_argument("--model", default=str(TOY_CAPTIONER))
-    acc.add_argument("--split", default="test")
-    acc.add_argument("--num", type=int, default=200)
-    acc.add_argument("--seed", type=int, default=0)
     opt = p.parse_args(argv)
-    if opt.command == "tokenizer":
-        print(f"{opt.out}: {len(train_tokenizer(opt.out))} tokens")
-    else:
-        print(json.dumps(caption_accuracy(load_captioner(opt.model), opt.split, opt.num, opt.seed)))
+    print(f"{opt.out}: {len(train_tokenizer(opt.out))} tokens")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m toy.captioner``: bad input is one line on stderr and exit status 2."""
+    return run_cli("python -m toy.captioner", run, argv)
 
 
 if __name__ == "__main__":

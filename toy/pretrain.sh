@@ -3,10 +3,10 @@
 #   1. the KL-VAE          python main.py --base configs/toy/vae.yaml -t -n toy_vae
 #   2. the text-to-image   python main.py --base configs/toy/sd.yaml -t -n toy_sd   (VAE of step 1, frozen)
 #      -> models/toy/sd.safetensors (fp16, sd-v1 layout; loads with configs/toy/sd.yaml)
-#   3. the captioner       scripts/toy_pretrain_blip2.sh -> models/toy/blip2/ (HF BLIP-2 folder)
+#   3. the captioner       toy/pretrain_captioner.sh -> models/toy/blip2/ (HF BLIP-2 folder)
 #   and the DreamBooth subject's photos, data/toy_subject/.
 # Measured wall times on this project's 2-core CPU machine are in README.md ("The toy world").
-# Usage: bash scripts/toy_pretrain.sh [python]   (default: .venv/bin/python if present, else python)
+# Usage: bash toy/pretrain.sh [python]   (default: .venv/bin/python if present, else python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -14,7 +14,7 @@ RUNS=logs/toy_pretrain
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # the measured times are for one thread
 latest() { ls -d "$RUNS"/*_"$1" | tail -n 1; }
 
-"$PY" -m ldm.data.shapes --subject data/toy_subject --num 4
+"$PY" -m toy.shapes --subject data/toy_subject --num 4
 
 "$PY" main.py --base configs/toy/vae.yaml -t -n toy_vae --logdir "$RUNS"
 VAE=$(latest toy_vae)/checkpoints/last.ckpt
@@ -24,5 +24,5 @@ VAE=$(latest toy_vae)/checkpoints/last.ckpt
 mkdir -p models/toy
 "$PY" scripts/export.py "$(latest toy_sd)/checkpoints/last.ckpt" models/toy/sd.safetensors --dtype fp16 --no-ema
 
-bash scripts/toy_pretrain_blip2.sh "$PY"
+bash toy/pretrain_captioner.sh "$PY"
 du -sh models/toy

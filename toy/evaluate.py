@@ -1,0 +1,230 @@
+"""Measure that the toy world's models learn (README, "The toy world"): four results, one table.
+
+1. captioner: the toy BLIP-2's attribute-level exact match on held-out test images;
+2. base model: prompt following, "a <colour> <shape> on a <background> background" for all 30
+   attribute combinations, judged by that captioner;
+3. DreamBooth subject fidelity: "a sks circle" samples of the base model and of DreamBooth (with and
+   without prior preservation): how often the captioner reads the subject's colour and background,
+   and the image similarity to the subject photos (cosine of the captioner's image embeddings, the
+   toy CLIP-I);
+4. prior preservation ablation (DreamBooth paper, Sec. 4.3): "a circle" samples, class-correct
+   (the captioner reads a circle), colour diversity (distinct colours, normalised colour entropy) and
+   drift towards the subject (share of samples in the subject's colour, similarity to the subject).
+
+Both DreamBooth runs go through main.py with configs/toy/dreambooth.yaml, on the same subject
+photos and seed; the run with prior preservation samples its class images first.
+
+    python scripts/evaluate_toy.py --out outputs/toy_eval     # tables in outputs/toy_eval/results.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from core.cli import run_cli
+from core.config import load_config
+from ldm.callbacks.sampling import sample_images, sampling_mode
+from ldm.loading import load_model
+from toy import ROOT
+from toy.judge import (
+    attribute_scores,
+    caption_accuracy,
+    caption_images,
+    embed_images,
+    load_captioner,
+    parse_caption,
+)
+from toy.shapes import (
+    ATTRIBUTES,
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    SUBJECT,
+    subject_scene,
+    write_images,
+)
+
+SD_CONFIG = ROOT / "configs/toy/sd.yaml"
+DREAMBOOTH_CONFIG = ROOT / "configs/toy/dreambooth.yaml"
+
+
+# ---- sampling and judging ---------------------------------------------------------------------------
+def load_sd(ckpt: str | Path) -> Any:
+    return load_model(load_config([SD_CONFIG]), ckpt)
+
+
+def sample(model: Any, prompts: Sequence[str], seed: int, steps: int, scale: float, batch: int = 64) -> list[Image.Image]:
+    """One image per prompt; image i from noise seed ``seed + i`` (DDIM, classifier-free guidance)."""
+    images = []
+    with sampling_mode(model):
+        for k in range(0, len(prompts), batch):
+            chunk = list(prompts[k:k + batch])
+            seeds = [seed + k + j for j in range(len(chunk))]
+            images += [Image.fromarray(a) for a in sample_images(model, chunk, seeds, 32, steps, scale)]
+    return images
+
+
+def judged(captioner: Any, images: Sequence[Image.Image]) -> list[dict[str, str | None]]:
+    return [parse_caption(c) for c in caption_images(captioner, images)]
+
+
+def reads_as_subject(read: dict[str, str | None]) -> bool:
+    """The subject's colour on its background. Its shape is not asked: the captioner never saw the
+    subject's dot and reads the subject's own photos as a square or a triangle as often as a circle."""
+    return read["colour"] == SUBJECT["colour"] and read["background"] == SUBJECT["background"]
+
+
+def mean_similarity(captioner: Any, images: Sequence[Image.Image], references: Sequence[Image.Image]) -> float:
+    """Mean cosine similarity over all (image, reference) pairs of the captioner's image embeddings."""
+    a, b = embed_images(captioner, images), embed_images(captioner, references)
+    return float((a @ b.T).mean())
+
+
+def colour_entropy(colours: Sequence[str | None]) -> float:
+    """Entropy of the colours read, divided by log(number of colours): 1 = uniform, 0 = one colour."""
+    counts = Counter(c for c in colours if c is not None)
+    total = sum(counts.values())
+    if total == 0:
+        return 0.0
+    return -sum(n / total * math.log(n / total) for n in counts.values()) / math.log(len(COLOURS))
+
+
+# ---- the four measurements ------------------------------------------------------------------------
+def prompt_following(model: Any, captioner: Any, per_prompt: int, seed: int, steps: int, scale: float) -> dict:
+    combos = [(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
+    wanted = [dict(zip(ATTRIBUTES, combo)) for combo in combos for _ in range(per_prompt)]
+    prompts = [f"a {w['colour']} {w['shape']} on a {w['background']} background" for w in wanted]
+    read = judged(captioner, sample(model, prompts, seed, steps, scale))
+    return {**attribute_scores(read, wanted), "n": len(wanted)}
+
+
+def subject_and_class(model: Any, captioner: Any, photos: Sequence[Image.Image], num: int, seed: int,
+                      steps: int, scale: float, token: str = "sks") -> dict:
+    """Metrics 3 and 4 for one model: "a <token> circle" and "a circle" samples."""
+    word = SUBJECT["class_word"]
+    subject_images = sample(model, [f"a {token} {word}"] * num, seed, steps, scale)
+    class_images = sample(model, [f"a {word}"] * num, seed, steps, scale)
+    subject_read, class_read = judged(captioner, subject_images), judged(captioner, class_images)
+    is_subject = [reads_as_subject(r) for r in subject_read]
+    colours = [r["colour"] for r in class_read]
+    return {
+        "subject_match": sum(is_subject) / num,
+        "subject_similarity": mean_similarity(captioner, subject_images, photos),
+        "class_correct": sum(r["shape"] == word for r in class_read) / num,
+        "class_colours": len({c for c in colours if c is not None}),
+        "class_colour_entropy": colour_entropy(colours),
+        "class_subject_colour": sum(c == SUBJECT["colour"] for c in colours) / num,
+        "class_similarity": mean_similarity(captioner, class_images, photos),
+        "n": num,
+    }
+
+
+# ---- DreamBooth runs --------------------------------------------------------------------------------
+def dreambooth(base: Path, photos: Path, workdir: Path, prior: bool, steps: int | None,
+               extra: Sequence[str] = ()) -> Path:
+    """Run main.py with the toy DreamBooth config; returns the exported weights."""
+    from core import trainer
+
+    name = "with_prior" if prior else "without_prior"
+    argv = ["--base", str(DREAMBOOTH_CONFIG), "-t", "--actual_resume", str(base), "--data_root", str(photos),
+            "--class_word", SUBJECT["class_word"], "-n", name, "--logdir", str(workdir / "logs")]
+    if prior:
+        argv += ["--reg_data_root", str(workdir / "class_images")]
+    argv += [f"lightning.trainer.max_steps={steps}"] if steps else []
+    before = set((workdir / "logs").glob("*"))
+    if trainer.main(argv + list(extra)) != 0:
+        raise RuntimeError(f"DreamBooth run '{name}' failed")
+    (run,) = set((workdir / "logs").glob("*")) - before
+    return run / "export" / "model.safetensors"
+
+
+# ---- report -----------------------------------------------------------------------------------------
+def table(results: dict) -> str:
+    cap, base = results["captioner"], results["prompt_following"]
+    rows = ["| measurement | value |", "| --- | --- |",
+            f"| 1. captioner, held-out test images ({cap['num']}): all three attributes right | {cap['exact']:.3f} |",
+            f"| 1. captioner: colour / shape / background right | {cap['colour']:.3f} / {cap['shape']:.3f} / "
+            f"{cap['background']:.3f} |",
+            f"| 2. base model, 30 prompts x {base['n'] // 30} samples: all three attributes as asked | "
+            f"{base['exact']:.3f} |",
+            f"| 2. base model: colour / shape / background as asked | {base['colour']:.3f} / {base['shape']:.3f} / "
+            f"{base['background']:.3f} |", ""]
+    models = results["models"]
+    rows += ["| model | 3. \"a sks circle\": read in the subject's colour and background | 3. similarity to subject | "
+             "4. \"a circle\": class-correct | 4. colours (of 5) | 4. colour entropy | "
+             "4. in the subject's colour | 4. similarity to subject |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in models.items():
+        rows.append(f"| {name} | {m['subject_match']:.3f} | {m['subject_similarity']:.3f} | {m['class_correct']:.3f} "
+                    f"| {m['class_colours']} | {m['class_colour_entropy']:.3f} | {m['class_subject_colour']:.3f} "
+                    f"| {m['class_similarity']:.3f} |")
+    rows.append(f"| the subject photos themselves | {results['photo_subject_match']:.3f} | "
+                f"{results['photo_self_similarity']:.3f} | | | | | |")
+    return "\n".join(rows) + "\n"
+
+
+def evaluate(opt: argparse.Namespace) -> dict:
+    torch.manual_seed(opt.seed)
+    out = Path(opt.out)
+    out.mkdir(parents=True, exist_ok=True)
+    captioner = load_captioner(opt.captioner)
+    photos_dir = Path(opt.subject) if opt.subject else write_images(
+        [subject_scene(i) for i in range(4)], out / "subject", 32, captions=False)
+    photos = [Image.open(p).convert("RGB") for p in sorted(photos_dir.glob("*.png"))]
+    results: dict[str, Any] = {"captioner": caption_accuracy(captioner, "test", opt.num_test, opt.seed)}
+    base = load_sd(opt.base)
+    results["prompt_following"] = prompt_following(base, captioner, opt.per_prompt, opt.seed, opt.steps, opt.scale)
+    runs = {"base model": opt.base,
+            "DreamBooth with prior preservation": dreambooth(Path(opt.base), photos_dir, out, True, opt.train_steps,
+                                                             opt.set),
+            "DreamBooth without prior preservation": dreambooth(Path(opt.base), photos_dir, out, False,
+                                                                opt.train_steps, opt.set)}
+    results["models"] = {name: subject_and_class(load_sd(ckpt), captioner, photos, opt.num, opt.seed, opt.steps,
+                                                 opt.scale) for name, ckpt in runs.items()}
+    results["photo_self_similarity"] = mean_similarity(captioner, photos, photos)
+    results["photo_subject_match"] = sum(map(reads_as_subject, judged(captioner, photos))) / len(photos)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(table(results))
+    return results
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default=str(ROOT / "models/toy/sd.safetensors"), help="the toy base model")
+    p.add_argument("--captioner", default=str(ROOT / "models/toy/blip2"), help="the toy BLIP-2 folder")
+    p.add_argument("--subject", default=str(ROOT / "data/toy_subject"), help="the subject photos (PNG)")
+    p.add_argument("--out", default="outputs/toy_eval", help="folder for the runs, results.json and results.md")
+    p.add_argument("--num_test", type=int, default=300, help="held-out test images for the captioner")
+    p.add_argument("--per_prompt", type=int, default=4, help="base-model samples per attribute combination")
+    p.add_argument("--num", type=int, default=64, help="samples per prompt for metrics 3 and 4")
+    p.add_argument("--train_steps", type=int, default=None, help="DreamBooth steps (default: the config's)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for both DreamBooth runs, e.g. dreambooth.num_class_images=16")
+    return p.parse_args(argv)
+
+
+def run(argv: Sequence[str]) -> int:
+    results = evaluate(parse_args(argv))
+    print(table(results))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python scripts/evaluate_toy.py``: bad input is one line on stderr and exit status 2."""
+    return run_cli("evaluate_toy.py", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
