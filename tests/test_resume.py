@@ -119,9 +119,9 @@ def test_sampler_resumes_mid_epoch_and_rolls_over_at_the_end():
 
 
 def test_dataloader_iterators_leave_the_global_rng_alone():
-    from ldm.data.datamodule import DreamBoothDataModule
+    from core.data.datamodule import DataModuleFromConfig
 
-    dm = DreamBoothDataModule(batch_size=2, train={"target": "ldm.data.personalized.PersonalizedBase"}, paired=False)
+    dm = DataModuleFromConfig(batch_size=2, train={"target": "ldm.data.personalized.PersonalizedBase"})
     loader = dm._loader(list(range(6)), ResumableSampler(6))
     before = torch.get_rng_state()
     assert sorted(sum((b.tolist() for b in loader), [])) == list(range(6))

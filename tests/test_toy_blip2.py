@@ -10,8 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from blip2.data.captions import collate
-from blip2.lm_loss import CAPTION_END
-from blip2.models.blip2_opt import newline_token_id
+from blip2.losses.caption_lm import CAPTION_END
+from blip2.modules.blip2_opt import newline_token_id
 from blip2.processors import Blip2ImageProcessor
 from toy.captioner import ToyCaptions, train_tokenizer
 from toy.judge import (

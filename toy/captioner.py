@@ -5,7 +5,7 @@ trained here on the training captions. Reading images with the trained captioner
     python -m toy.captioner tokenizer --out models/toy/blip2-tokenizer   # the caption tokenizer
 
 Training (``ToyBlip2Finetune``, ``prompt`` ""): BERT-style initialisation, then the loss of
-bos + caption + "\\n" after the queries (``blip2.lm_loss``) on ``ToyCaptions``.
+bos + caption + "\\n" after the queries (``blip2.losses.caption_lm``) on ``ToyCaptions``.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from blip2.data.captions import MODES
-from blip2.models.blip2_opt import Blip2OPT
+from blip2 import Blip2OPT
 from blip2.processors import CLIP_MEAN, CLIP_STD, Blip2ImageProcessor
-from blip2.train import Blip2OPTFinetune
+from blip2.models.finetune import Blip2OPTFinetune
 from core.cli import run_cli
 from toy.shapes import BACKGROUNDS, COLOURS, SHAPES, render, scene_of
 

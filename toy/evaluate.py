@@ -32,7 +32,7 @@ from PIL import Image
 
 from core.cli import run_cli
 from core.config import load_config
-from ldm.callbacks.sampling import sample_images, sampling_mode
+from ldm.txt2img import sampling_mode, txt2img
 from ldm.loading import load_model
 from toy import ROOT
 from toy.judge import (
@@ -69,7 +69,7 @@ def sample(model: Any, prompts: Sequence[str], seed: int, steps: int, scale: flo
         for k in range(0, len(prompts), batch):
             chunk = list(prompts[k:k + batch])
             seeds = [seed + k + j for j in range(len(chunk))]
-            images += [Image.fromarray(a) for a in sample_images(model, chunk, seeds, 32, steps, scale)]
+            images += [Image.fromarray(a) for a in txt2img(model, chunk, seeds, 32, 32, steps, scale)]
     return images
 
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from blip2.models.blip2_opt import Blip2OPT
+from blip2 import Blip2OPT
+from blip2.loading import load_blip2
 from blip2.processors import Blip2ImageProcessor
 from core.cli import run_cli
 from toy import ROOT
@@ -61,8 +62,9 @@ def parse_caption(text: str) -> dict[str, str | None]:
 
 # ---- the captioner -------------------------------------------------------------------------------
 def load_captioner(folder: str | os.PathLike = TOY_CAPTIONER, device: str | torch.device = "cpu") -> Blip2OPT:
-    """The shipped toy captioner (an HF folder written by ``blip2.export``), fp32, in eval mode."""
-    return Blip2OPT.from_pretrained(folder, device=device).eval()
+    """The shipped toy captioner (an HF folder written by ``blip2.export``, or any source
+    ``blip2.loading.load_blip2`` reads), fp32, in eval mode."""
+    return load_blip2(folder, device=device)[0]
 
 
 def _pixels(model: Blip2OPT, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -22,35 +22,25 @@ def _without_empty_class_images(class_images: Mapping | None) -> Mapping | None:
 
 
 class DreamBoothDataModule(CoreDataModule):
-    """Builds ``train`` (+ ``class_images``, paired) and ``validation`` from ``{target, params}`` configs.
-
-    ``paired=False`` feeds the ``train`` items as they are (a plain LatentDiffusion's flat batches
-    ``{"image", "caption"}``); it cannot take class images.
-    """
+    """Builds ``train`` (the instance images), ``class_images`` and ``validation`` from ``{target, params}``
+    configs; training batches are ``DreamBoothPairs``. (A plain latent-diffusion run, with flat batches
+    ``{"image", "caption"}``, takes core's ``DataModuleFromConfig``.)"""
 
     def __init__(self, batch_size: int, num_workers: int = 0, train: Mapping | None = None,
                  class_images: Mapping | None = None, validation: Mapping | None = None, seed: int = 0,
-                 shuffle: bool = True, paired: bool = True):
+                 shuffle: bool = True):
         super().__init__(batch_size, num_workers, train=train, validation=validation, seed=seed, shuffle=shuffle)
-        class_images = _without_empty_class_images(class_images)
-        if class_images is not None and not paired:
-            raise ValueError("data.params: class_images need paired=true (DreamBoothPairs batches)")
-        self.paired = paired
-        self.configs["class_images"] = class_images
+        self.configs["class_images"] = _without_empty_class_images(class_images)
 
     def train_dataset(self) -> Dataset:
-        """The instance data set, paired with the class images when ``paired``."""
+        """The instance data set, paired with the class images."""
         instance = super().train_dataset()
-        if not self.paired:
-            return instance
         class_images = self.configs["class_images"]
         return DreamBoothPairs(instance, instantiate_from_config(class_images) if class_images is not None else None)
 
     @staticmethod
     def check_config(config: Any) -> None:
-        """Before anything is built (``core.trainer`` asks): the DreamBooth data of a paired config."""
-        if not OmegaConf.select(config, "data.params.paired", default=True):
-            return
+        """Before anything is built (``core.trainer`` asks): the DreamBooth data of the config."""
         root = OmegaConf.select(config, "data.params.train.params.data_root")
         if root is None:
             raise ValueError("--data_root is required: the folder of instance images (dreambooth.data_root)")
@@ -62,8 +52,3 @@ class DreamBoothDataModule(CoreDataModule):
         if class_root is not None and not OmegaConf.select(config, "data.params.class_images.params.class_word"):
             raise ValueError(f"--class_word is required with --reg_data_root {class_root}: class images are "
                              "generated and captioned as 'a photo of a <class_word>'")
-
-
-# The target configs/toy/sd.yaml and configs/toy/vae.yaml name (with paired: false); they are to name
-# core.data.datamodule.DataModuleFromConfig instead, and then this line goes.
-DataModuleFromConfig = DreamBoothDataModule
