@@ -178,8 +178,10 @@ def test_schedule_is_lavis_linear_warmup_cosine():
 
 
 def test_trainer_applies_schedule_per_step(folder, tmp_path):
-    module = Blip2OPTFinetune(pretrained=str(folder), freeze_vit=False, learning_rate=1e-3, warmup_lr=1e-5,
-                              warmup_steps=4, min_lr=1e-4, vit_layer_decay=0.5, prompt=PROMPT)
+    schedule = {"target": "core.schedules.LinearWarmupCosine",
+                "params": {"warm_up_steps": 4, "f_start": 1e-5 / 1e-3, "f_min": 1e-4 / 1e-3}}  # per epoch
+    module = Blip2OPTFinetune(pretrained=str(folder), freeze_vit=False, learning_rate=1e-3, scheduler_config=schedule,
+                              vit_layer_decay=0.5, prompt=PROMPT)
     record = Record(lambda m, _: (m.current_epoch, m.global_step,
                                   {g["lr_scale"]: g["lr"] for g in m.trainer.optimizers[0].param_groups}))
     make_trainer(max_epochs=3, callbacks=[record]).fit(module, loader(squares(tmp_path, 16, 0)))  # 2 steps an epoch
@@ -278,8 +280,10 @@ def test_coco_config_runs_on_tiny_inputs(folder, tmp_path):
                for i, r in enumerate(map(json.loads, source.read_text().splitlines()))]
     (tmp_path / "data" / "dataset_coco.json").write_text(json.dumps({"images": entries}))
     cfg = OmegaConf.load("configs/blip2/finetune_caption_coco.yaml")
-    assert (cfg.model.base_learning_rate, cfg.model.params.warmup_steps, cfg.model.params.weight_decay,
-            cfg.lightning.trainer.max_epochs, cfg.coco.image_size) == (1e-5, 1000, 0.05, 5, 364)
+    schedule = cfg.model.params.scheduler_config.params
+    assert (cfg.model.base_learning_rate, schedule.warm_up_steps, cfg.model.base_learning_rate * schedule.f_start,
+            schedule.f_min, cfg.model.params.weight_decay, cfg.lightning.trainer.max_epochs,
+            cfg.coco.image_size) == (1e-5, 1000, pytest.approx(1e-8), 0.0, 0.05, 5, 364)
     cfg.merge_with_dotlist([f"coco.annotations={tmp_path}/data/dataset_coco.json", f"coco.image_root={tmp_path}/data",
                             f"coco.image_size={IMAGE_SIZE}", f"model.params.pretrained={folder}",
                             "data.params.batch_size=2", "data.params.num_workers=0",

@@ -18,7 +18,7 @@ BLEU-4 and CIDEr (``blip2.metrics``); batches with ``answers`` (VQA) are answere
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -33,7 +33,6 @@ from blip2.modules.blip2_opt import VQA_TEMPLATE, Blip2OPT
 from blip2.optim import vit_layer_lr_scale
 from core.config import DTYPES, instantiate_from_config
 from core.optim import build_optimizer, param_groups, set_lr
-from core.schedules import LinearWarmupCosine
 from core.weights import read_json
 
 CAPTION_GENERATION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
@@ -71,17 +70,19 @@ class Blip2OPTFinetune(pl.LightningModule):
     Batches: ``{"image": [B, 3, s, s], "text_input": [B captions]}`` for training; for validation
     ``{"image", "image_id", "references"}`` (captions) or ``{"image", "question", "answers"}`` (VQA).
     Optimiser: AdamW (betas 0.9 / ``beta2``), no decay on biases and norms, optional layer-wise lr
-    decay of the ViT (``blip2.optim``), groups and AdamW from ``core.optim``, LAVIS's warm-up +
-    per-epoch cosine schedule (``core.schedules.LinearWarmupCosine``).
-    ``learning_rate`` is the peak lr (main.py sets it from ``base_learning_rate``); ``warmup_lr`` the
-    lr at step 0 (None: the peak, no warm-up), ``min_lr`` the floor of the cosine.
+    decay of the ViT (``blip2.optim``), groups and AdamW from ``core.optim``.
+    ``learning_rate`` is the peak lr (main.py sets it from ``base_learning_rate``). ``scheduler_config``:
+    ``{target, params}`` of an lr multiplier f(step, epoch) of ``core.schedules``, the vocabulary of
+    every system (LAVIS's warm-up + per-epoch cosine is ``LinearWarmupCosine`` with ``f_start`` =
+    warmup_lr / lr and ``f_min`` = min_lr / lr; without ``max_steps`` / ``max_epochs`` it takes the
+    trainer's ``max_epochs``); None keeps the peak lr. It is applied before every optimizer step.
     """
 
     def __init__(self, pretrained: str | None = None, config: Mapping | None = None, tokenizer: str | None = None,
                  freeze_vit: bool = True, freeze_qformer: bool = False, freeze_llm: bool = True,
                  frozen_dtype: str = "fp32", gradient_checkpointing: bool = False, prompt: str = "",
-                 max_txt_len: int = 32, learning_rate: float = 1e-4, min_lr: float = 0.0,
-                 warmup_lr: float | None = None, warmup_steps: int = 0, weight_decay: float = 0.05,
+                 max_txt_len: int = 32, learning_rate: float = 1e-4,
+                 scheduler_config: Mapping[str, Any] | None = None, weight_decay: float = 0.05,
                  beta2: float = 0.999, vit_layer_decay: float = 1.0, generation: Mapping | None = None,
                  vqa_generation: Mapping | None = None, vqa_template: str = VQA_TEMPLATE):
         super().__init__()
@@ -96,8 +97,7 @@ class Blip2OPTFinetune(pl.LightningModule):
         self.model.language_model.decoder.gradient_checkpointing = gradient_checkpointing
         self.prompt, self.max_txt_len = prompt, max_txt_len
         self.prompt_len = prompt_length(self.model.tokenizer, prompt)
-        self.learning_rate, self.min_lr = learning_rate, min_lr
-        self.warmup_lr, self.warmup_steps = warmup_lr, warmup_steps
+        self.learning_rate, self.scheduler_config = learning_rate, _plain(scheduler_config or {}) or None
         self.weight_decay, self.beta2, self.vit_layer_decay = weight_decay, beta2, vit_layer_decay
         self.generation = {**CAPTION_GENERATION, **_plain(generation or {})}
         self.vqa_generation = {**VQA_GENERATION, **_plain(vqa_generation or {})}
@@ -134,14 +134,21 @@ class Blip2OPTFinetune(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the trainable groups; ``on_train_batch_start`` sets each step's lr."""
-        warmup_lr = self.learning_rate if self.warmup_lr is None else self.warmup_lr  # None: no warm-up (LAVIS)
         if self.learning_rate <= 0:
             raise ValueError(f"Blip2OPTFinetune: expected a learning rate > 0, got {self.learning_rate}")
-        self.schedule = LinearWarmupCosine(self.warmup_steps, f_start=warmup_lr / self.learning_rate,
-                                           f_min=self.min_lr / self.learning_rate, max_epochs=self.trainer.max_epochs)
+        self.schedule = self.build_schedule()
         groups = param_groups(self.model.named_parameters(), self.weight_decay,
                               lr_scale=vit_layer_lr_scale(self.model, self.vit_layer_decay))
         return build_optimizer(groups, self.learning_rate, betas=(0.9, self.beta2))
+
+    def build_schedule(self) -> Callable[[int, int], float]:
+        """f(step, epoch) from ``scheduler_config`` (a per-epoch cosine runs over the trainer's epochs)."""
+        if self.scheduler_config is None:
+            return lambda step, epoch: 1.0
+        params = dict(self.scheduler_config.get("params") or {})
+        if params.get("max_steps") is None and params.get("max_epochs") is None:
+            params["max_epochs"] = self.trainer.max_epochs
+        return instantiate_from_config({"target": self.scheduler_config["target"], "params": params})
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """lr of this step = schedule(epoch, step) times each group's ``lr_scale`` (LAVIS sets it per iteration)."""
