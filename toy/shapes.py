@@ -83,9 +83,9 @@ def _polygon(scene: Scene, n: int, side: float) -> list[tuple[float, float]]:
              cy + r * math.sin(math.radians(start + scene.angle + k * 360 / n))) for k in range(n)]
 
 
-def render(scene: Scene, size: int = 32) -> Image.Image:
-    """The scene as an RGB image of ``size`` x ``size`` (anti-aliased)."""
-    side = size * SUPERSAMPLE
+def render(scene: Scene, resolution: int = 32) -> Image.Image:
+    """The scene as an RGB image of ``resolution`` x ``resolution`` pixels (anti-aliased)."""
+    side = resolution * SUPERSAMPLE
     fill, background, dot = scene.palette or (COLOURS[scene.colour], BACKGROUNDS[scene.background], DOT)
     image = Image.new("RGB", (side, side), background)
     draw = ImageDraw.Draw(image)
@@ -97,7 +97,7 @@ def render(scene: Scene, size: int = 32) -> Image.Image:
     if scene.dot:
         d = 0.4 * r
         draw.ellipse((cx - d, cy - d, cx + d, cy + d), fill=dot)
-    return image.resize((size, size), Image.Resampling.LANCZOS)
+    return image.resize((resolution, resolution), Image.Resampling.LANCZOS)
 
 
 def split_rng(split: str, seed: int, index: int) -> np.random.Generator:
@@ -128,21 +128,21 @@ def training_caption(scene: Scene, rng: np.random.Generator, caption_dropout: fl
 
 
 class ShapesDataset(Dataset):
-    """``num`` items of a split as ``{"image": (size, size, 3) float32 in [-1, 1], "caption": str}``.
+    """``num`` items of a split as ``{"image": (resolution, resolution, 3) float32 in [-1, 1], "caption": str}``.
 
     ``captions``: "full" (every attribute) or "varied" (``CAPTION_TEMPLATES``, drawn per item, with
     ``caption_dropout`` giving "" for classifier-free guidance training). ``open_palette``: the share
     of items drawn by ``open_palette_scene`` instead (for the autoencoder). Items are rendered on demand.
     """
 
-    def __init__(self, split: str = "train", num: int = 10000, size: int = 32, seed: int = 0,
+    def __init__(self, split: str = "train", num: int = 10000, resolution: int = 32, seed: int = 0,
                  captions: str = "full", caption_dropout: float = 0.0, open_palette: float = 0.0):
         if captions not in ("full", "varied"):
             raise ValueError(f"captions={captions!r}: expected 'full' or 'varied'")
-        if num < 1 or size < 8:
-            raise ValueError(f"num={num}, size={size}: expected num >= 1 and size >= 8")
+        if num < 1 or resolution < 8:
+            raise ValueError(f"num={num}, resolution={resolution}: expected num >= 1 and resolution >= 8")
         split_rng(split, seed, 0)  # checks the split's name
-        self.split, self.num, self.size, self.seed = split, num, size, seed
+        self.split, self.num, self.resolution, self.seed = split, num, resolution, seed
         self.captions, self.caption_dropout, self.open_palette = captions, caption_dropout, open_palette
 
     def __len__(self) -> int:
@@ -154,7 +154,7 @@ class ShapesDataset(Dataset):
         rng = split_rng(self.split, self.seed, i)
         scene = open_palette_scene(rng) if self.open_palette and rng.random() < self.open_palette else random_scene(rng)
         caption = scene.caption() if self.captions == "full" else training_caption(scene, rng, self.caption_dropout)
-        return {"image": to_array(render(scene, self.size)), "caption": caption}
+        return {"image": to_array(render(scene, self.resolution)), "caption": caption}
 
 
 # ---- the DreamBooth subject ------------------------------------------------------------------------
@@ -168,13 +168,13 @@ def subject_scene(i: int, seed: int = 0) -> Scene:
     return Scene(**{**scene.__dict__, "dot": True})
 
 
-def write_images(scenes: Sequence[Scene], out: Path, size: int, captions: bool = True) -> Path:
+def write_images(scenes: Sequence[Scene], out: Path, resolution: int, captions: bool = True) -> Path:
     """PNG files ``00000.png ...`` in ``out``, and with ``captions`` a ``captions.jsonl`` of
     ``{"image", "caption"}`` rows."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, scene in enumerate(scenes):
-        render(scene, size).save(out / f"{i:05d}.png")
+        render(scene, resolution).save(out / f"{i:05d}.png")
         rows.append({"image": f"{i:05d}.png", "caption": scene.caption()})
     if captions:
         (out / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -188,15 +188,15 @@ def run(argv: Sequence[str]) -> int:
     p.add_argument("--subject", help="folder for the subject's photos (captions.jsonl not written)")
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--num", type=int, default=200)
-    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=32, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     opt = p.parse_args(argv)
     if (opt.out is None) == (opt.subject is None):
         p.error("give exactly one of --out or --subject")
     if opt.subject:
-        write_images([subject_scene(i, opt.seed) for i in range(opt.num)], Path(opt.subject), opt.size, captions=False)
+        write_images([subject_scene(i, opt.seed) for i in range(opt.num)], Path(opt.subject), opt.resolution, captions=False)
     else:
-        write_images([scene_of(opt.split, opt.seed, i) for i in range(opt.num)], Path(opt.out), opt.size)
+        write_images([scene_of(opt.split, opt.seed, i) for i in range(opt.num)], Path(opt.out), opt.resolution)
     return 0
 
 
