@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from core.callbacks.checkpointing import AtomicCheckpointIO, RankSeed, ResumableCheckpoint
 from core.cli import run_cli
-from core.config import get_obj_from_str, instantiate_from_config, load_config as merge_configs
+from core.config import get_obj_from_str, instantiate_from_config, load_config
 from core.weights import CheckpointError, atomic_path
 
 RUN_LOGDIR_ENV = "LDM_RUN_LOGDIR"  # rank 0 hands the log dir to the processes DDP launches
@@ -116,7 +116,7 @@ def cli_settings(opt: argparse.Namespace) -> DictConfig:
     return OmegaConf.create(settings)
 
 
-def load_config(opt: argparse.Namespace, overrides: list[str], resume_logdir: Path | None) -> DictConfig:
+def run_config(opt: argparse.Namespace, overrides: list[str], resume_logdir: Path | None) -> DictConfig:
     """Saved configs of a resumed run, ``--base`` files, command-line settings, overrides: merged."""
     files = [str(p) for p in sorted((resume_logdir / "configs").glob("*.yaml"))] if resume_logdir else []
     files += opt.base
@@ -125,7 +125,7 @@ def load_config(opt: argparse.Namespace, overrides: list[str], resume_logdir: Pa
     for f in files:
         if not Path(f).is_file():
             raise ValueError(f"--base {f}: config file not found")
-    config = merge_configs(files)
+    config = load_config(files)
     if "model" not in config:
         raise ValueError(f"{', '.join(files)}: the config has no 'model' section (expected model.target and "
                          "model.params)")
@@ -235,7 +235,7 @@ def set_learning_rate(model: pl.LightningModule, config: DictConfig, trainer: pl
 
 def run(opt: argparse.Namespace, overrides: list[str]) -> int:
     resume_logdir, resume_ckpt = find_resume(opt.resume) if opt.resume else (None, None)
-    config = load_config(opt, overrides, resume_logdir)
+    config = run_config(opt, overrides, resume_logdir)
     check_inputs(config, opt.train, resuming=resume_logdir is not None)
     pl.seed_everything(config.lightning.seed, verbose=False)
     model = instantiate_from_config(config.model)  # a bad base checkpoint fails here, before the log dir exists
