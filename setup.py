@@ -4,9 +4,21 @@ setup(
     name="dreambooth-blip2",
     version="0.1.0",
     description="DreamBooth on Stable Diffusion v1 and BLIP-2 OPT, reimplemented faithfully in one codebase",
-    packages=find_packages(include=["core", "core.*", "ldm", "ldm.*", "blip2", "blip2.*", "toy", "toy.*"]),
+    # scripts/ and benchmarks/ are packages too, so that they run from anywhere without sys.path edits
+    packages=find_packages(include=["core", "core.*", "ldm", "ldm.*", "blip2", "blip2.*", "toy", "toy.*",
+                                    "scripts", "benchmarks"]),
     package_data={"ldm.modules.encoders": ["bpe_simple_vocab_16e6.txt.gz"]},
     python_requires=">=3.10",
+    # the same entry points as `python main.py`, `python scripts/<x>.py`, `python -m blip2.export`
+    entry_points={"console_scripts": [
+        "db2-train = core.trainer:main",
+        "db2-sample = scripts.sample:main",
+        "db2-export = scripts.export:main",
+        "db2-caption = scripts.caption:main",
+        "db2-retrieve = scripts.retrieve:main",
+        "db2-export-blip2 = blip2.export:main",
+        "db2-evaluate-toy = toy.evaluate:main",
+    ]},
     install_requires=[
         "torch>=2.1",
         "numpy",

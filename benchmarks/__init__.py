@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against the reference libraries: ``python -m benchmarks.<name>``."""
