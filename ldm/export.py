@@ -176,6 +176,14 @@ def diffusers_text_encoder(state: Mapping[str, torch.Tensor], config: Mapping[st
     return model
 
 
+def scaling_factor(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> float | None:
+    """The VAE latent scale: the weights' ``scale_factor`` buffer (``scale_by_std`` measured it) when
+    present, else the config's ``scale_factor`` (None: diffusers' sd-v1 default)."""
+    if "scale_factor" in state:
+        return float(state["scale_factor"])
+    return config["model"]["params"].get("scale_factor")
+
+
 def diffusers_pipeline(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Any:
     """A ``StableDiffusionPipeline`` holding these weights (DDIM scheduler of the sd-v1 schedule)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -185,7 +193,8 @@ def diffusers_pipeline(state: Mapping[str, torch.Tensor], config: Mapping[str, A
     unet_config = sfu.create_unet_diffusers_config_from_ldm(config, state)
     unet = UNet2DConditionModel(**unet_config)
     unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(state, unet_config), strict=True)
-    vae_config = sfu.create_vae_diffusers_config_from_ldm(config, state)
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(config, state,
+                                                          scaling_factor=scaling_factor(state, config))
     vae = AutoencoderKL(**vae_config)
     vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(state, vae_config), strict=True)
     params = config["model"]["params"]

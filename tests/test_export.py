@@ -16,12 +16,13 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 from core.weights import load_state_dict
-from ldm.export import SCHEDULE_KEYS, diffusers_text_encoder, ema_key
+from ldm.export import SCHEDULE_KEYS, diffusers_text_encoder, ema_key, save_diffusers
 from ldm.loading import load_model
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.txt2img import initial_noise
 from core.config import instantiate_from_config
 from tests._util import randomize_, rel_err
-from tests.sd_fixtures import ROOT, TINY_CONFIG, plain, tiny_config
+from tests.sd_fixtures import ROOT, TINY_CONFIG, plain, tiny_config, tiny_model
 
 SCRIPT = ROOT / "scripts" / "export.py"
 TINY_DB = ROOT / "configs" / "toy" / "dreambooth-tiny.yaml"
@@ -171,3 +172,25 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
         assert export(*args, "--config", TINY_DB) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_diffusers_folder_decodes_a_scale_by_std_model_like_ours(tmp_path):
+    """vae/config.json carries the checkpoint's measured scale_factor buffer (not the config's 1.0):
+    diffusers' pipeline decodes our DDIM's latents into our images."""
+    overrides = {"model.params.scale_by_std": True, "model.params.scale_factor": 1.0}
+    model = tiny_model(seed=3, **overrides)
+    model.scale_factor.fill_(0.2264)
+    folder = save_diffusers(model.state_dict(), plain(tiny_config(**overrides)), tmp_path / "diffusers")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    assert pipe.vae.config.scaling_factor == pytest.approx(0.2264)
+    x_T = initial_noise([7], (4, 16, 16), torch.device("cpu"))
+    with torch.no_grad():
+        c, uc = model.get_learned_conditioning(PROMPTS[:1]), model.get_learned_conditioning([""])
+        z, _ = DDIMSampler(model).sample(S=3, batch_size=1, shape=(4, 16, 16), conditioning=c,
+                                         unconditional_guidance_scale=5.0, unconditional_conditioning=uc,
+                                         x_T=x_T, verbose=False)
+        ours = ((model.decode_first_stage(z) + 1) / 2).clamp(0, 1)  # (1, 3, 32, 32) in [0, 1]
+        theirs = pipe(PROMPTS[0], height=32, width=32, num_inference_steps=3, guidance_scale=5.0, latents=x_T,
+                      output_type="pt").images
+    assert ((ours > 0) & (ours < 1)).float().mean() > 0.5  # mostly unclipped: the comparison sees the scale
+    assert rel_err(theirs, ours) < 1e-4
