@@ -18,7 +18,7 @@ from torch import nn
 
 from core.weights import load_state_dict, load_strict
 from ldm import compat
-from ldm.models.diffusion.schedule import make_beta_schedule, q_sample, schedule_buffers
+from ldm.models.diffusion.schedule import make_beta_schedule, min_snr_weight, offset_noise, q_sample, schedule_buffers
 from ldm.modules.ema import LitEma
 from core.config import instantiate_from_config
 
@@ -44,6 +44,8 @@ class DDPM(pl.LightningModule):
     CompVis configs build through ``from_config_params`` (``ldm.compat``), which drops the
     parameters kept only for compatibility; the constructor takes what the model uses.
     ``image_size`` is the size the denoiser works at (latent pixels for LatentDiffusion).
+    Loss options (both off by default): ``snr_gamma`` weights each sample's eps loss by Min-SNR-gamma,
+    ``noise_offset`` adds a per-channel offset to eps (``schedule.min_snr_weight``, ``offset_noise``).
     """
 
     def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
@@ -52,8 +54,12 @@ class DDPM(pl.LightningModule):
                  linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3,
                  given_betas: Sequence[float] | None = None, v_posterior: float = 0.0,
                  l_simple_weight: float = 1.0, scheduler_config: Mapping | None = None,
-                 ema_decay: float = 0.9999):
+                 ema_decay: float = 0.9999, snr_gamma: float | None = None, noise_offset: float = 0.0):
         super().__init__()
+        if (snr_gamma is not None and snr_gamma <= 0) or noise_offset < 0:
+            raise ValueError(f"DDPM: snr_gamma={snr_gamma}, noise_offset={noise_offset}: expected > 0 (or null) "
+                             "and >= 0")
+        self.snr_gamma, self.noise_offset = snr_gamma, noise_offset
         self.first_stage_key = first_stage_key
         self.image_size, self.channels = image_size, channels
         self.l_simple_weight = l_simple_weight
@@ -102,11 +108,15 @@ class DDPM(pl.LightningModule):
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
                  noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Simple eps loss ||eps - eps_theta(x_t, t, c)||^2 (DDPM eq. 14), averaged per sample."""
-        noise = torch.randn_like(x_start) if noise is None else noise
+        """Simple eps loss ||eps - eps_theta(x_t, t, c)||^2 (DDPM eq. 14), averaged per sample; with
+        ``snr_gamma`` each sample weighted by min(SNR(t), gamma) / SNR(t) (logged loss_simple: unweighted)."""
+        noise = offset_noise(x_start, self.noise_offset) if noise is None else noise
         eps = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
         per_sample = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = self.l_simple_weight * per_sample.mean()
+        weighted = per_sample
+        if self.snr_gamma is not None:
+            weighted = per_sample * min_snr_weight(self.alphas_cumprod, t, self.snr_gamma)
+        loss = self.l_simple_weight * weighted.mean()
         prefix = "train" if self.training else "val"
         return loss, {f"{prefix}/loss_simple": per_sample.mean().detach(), f"{prefix}/loss": loss.detach()}
 

@@ -62,3 +62,26 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sqrt_abar: 
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps   (DDPM eq. 4)."""
     return (extract(sqrt_abar, t, x0.ndim).to(x0.dtype) * x0
             + extract(sqrt_one_minus_abar, t, x0.ndim).to(x0.dtype) * noise)
+
+
+def snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = abar_t / (1 - abar_t), the signal-to-noise ratio of x_t (Kingma et al. 2021): (B,)."""
+    abar = alphas_cumprod.gather(0, t.long())
+    return abar / (1 - abar)
+
+
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weight of the eps loss, min(SNR(t), gamma) / SNR(t) (Hang et al. 2023,
+    arXiv 2303.09556: the x_0 loss weight min(SNR, gamma) over SNR, for eps-prediction): (B,)."""
+    ratio = snr(alphas_cumprod, t)
+    return ratio.clamp(max=gamma) / ratio
+
+
+def offset_noise(x: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
+    """eps ~ N(0, I) like ``x``, plus ``offset`` times one N(0, 1) per sample and channel (kohya-ss's
+    noise offset): (B, C, H, W). Draws randn_like(x), then (B, C, 1, 1); offset 0 draws only the first."""
+    noise = torch.randn_like(x)
+    if offset:
+        shape = (*x.shape[:2], *([1] * (x.ndim - 2)))
+        noise = noise + offset * torch.randn(shape, device=x.device, dtype=x.dtype)
+    return noise
