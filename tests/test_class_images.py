@@ -229,3 +229,26 @@ def test_image_logger_writes_grids_every_n_steps_on_rank_zero(model, tmp_path):
     other = fake_trainer(1, 2, global_step=4, should_stop=False, loggers=[], default_root_dir=str(tmp_path))
     logger.on_train_batch_end(other, model, None, None, 0)
     assert everything(tmp_path / "images") == ["step-000002", "step-000003"]
+
+
+def test_precision_bf16_samples_under_autocast_and_fp32_is_plain_txt2img(model, reference, tmp_path):
+    bf16 = sampler(tmp_path / "bf16", batch_size=N, precision="bf16")
+    bf16.on_fit_start(fake_trainer(), model)
+    images = read(tmp_path / "bf16")
+    assert list(images) == list(reference) and all(im.dtype == np.uint8 and im.shape == (32, 32, 3)
+                                                   for im in images.values())
+    assert any(not np.array_equal(images[k], reference[k]) for k in images)  # bf16 rounding shows
+    sampler(tmp_path / "fp32", batch_size=N, precision="fp32").on_fit_start(fake_trainer(), model)
+    with class_images.sampling_mode(model):
+        plain = class_images.txt2img(model, ["a photo of a dog"] * N, list(range(N)), 32, 32, STEPS, 7.5)
+    fp32 = read(tmp_path / "fp32")
+    assert all(np.array_equal(fp32[k], reference[k]) and np.array_equal(fp32[k], plain[i])
+               for i, k in enumerate(reference))
+
+
+def test_precision_fp16_on_cpu_and_a_bad_name_are_one_clear_error(model, tmp_path):
+    with pytest.raises(ValueError, match=r"^ClassImageSampler: precision=fp16 needs a CUDA device; on CPU use bf16"):
+        sampler(tmp_path / "fp16", precision="fp16").on_fit_start(fake_trainer(), model)
+    assert not (tmp_path / "fp16").exists()
+    with pytest.raises(ValueError, match=r"^ClassImageSampler: precision='fp64': expected one of fp32, bf16, fp16$"):
+        sampler(tmp_path, precision="fp64")

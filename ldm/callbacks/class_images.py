@@ -13,19 +13,26 @@ sampled by the base model before training when ``class_data_root`` holds too few
    the prompt and seed in the PNG text chunks; a restarted run makes only what is still missing.
 4. A barrier, then training starts (the data sets are built after ``on_fit_start``).
 
+``precision`` (diffusers' ``prior_generation_precision``): fp32 samples as before, under the trainer's
+own forward context; fp16 / bf16 sample under ``torch.autocast`` with that dtype (fp16 needs CUDA,
+bf16 autocast runs on CPU too).
+
 The EMA weights are used when the model keeps them; the model's mode and the global RNG are left
 as they were.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ContextManager, Sequence
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm import tqdm
 
+from core.config import DTYPES
 from core.images import list_images, save_png
 from ldm.txt2img import sampling_mode, trained_resolution, txt2img
 
@@ -54,20 +61,32 @@ class ClassImageSampler(pl.Callback):
     def __init__(self, class_data_root: str | None, class_word: str | None, num_class_images: int = 100,
                  base_seed: int = 0, ddim_steps: int = 50, scale: float = 7.5, eta: float = 0.0,
                  batch_size: int = 4, prompt: str = "a photo of a {}", resolution: int | None = None,
-                 negative_prompt: str = ""):
+                 negative_prompt: str = "", precision: str = "fp32"):
         if num_class_images < 0 or batch_size < 1 or ddim_steps < 1:
             raise ValueError(f"ClassImageSampler: num_class_images={num_class_images}, batch_size="
                              f"{batch_size}, ddim_steps={ddim_steps}: expected >= 0, >= 1, >= 1")
         if "{}" not in prompt:
             raise ValueError(f"ClassImageSampler: prompt {prompt!r} needs a '{{}}' for the class word")
+        if precision not in DTYPES:
+            raise ValueError(f"ClassImageSampler: precision={precision!r}: expected one of {', '.join(DTYPES)}")
         self.class_data_root, self.class_word = class_data_root, class_word
         self.num_class_images, self.base_seed, self.batch_size = num_class_images, base_seed, batch_size
         self.ddim_steps, self.scale, self.eta = ddim_steps, scale, eta
         self.prompt, self.resolution, self.negative_prompt = prompt, resolution, negative_prompt
+        self.precision = precision
+
+    def autocast(self, device: torch.device) -> ContextManager:
+        """fp32: nothing added (the trainer's context decides, as before); fp16 / bf16: torch.autocast."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        if self.precision == "fp16" and device.type == "cpu":
+            raise ValueError("ClassImageSampler: precision=fp16 needs a CUDA device; on CPU use bf16 or fp32")
+        return torch.autocast(device.type, dtype=DTYPES[self.precision])
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.class_data_root is None:
             return
+        autocast = self.autocast(pl_module.device)  # a wrong precision fails before any work
         todo = missing_indices(self.class_data_root, self.num_class_images)
         if todo and self.class_word is None:
             raise ValueError(f"{self.class_data_root}: {len(todo)} class images are missing and no class word "
@@ -78,7 +97,7 @@ class ClassImageSampler(pl.Callback):
                            f"of {self.prompt.format(self.class_word)!r}")
         mine = todo[trainer.global_rank::trainer.world_size]
         if mine:
-            with trainer.precision_plugin.forward_context(), sampling_mode(pl_module):
+            with trainer.precision_plugin.forward_context(), autocast, sampling_mode(pl_module):
                 self.generate(pl_module, mine, progress=trainer.global_rank == 0)
         trainer.strategy.barrier()
 
