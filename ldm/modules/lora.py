@@ -12,8 +12,9 @@ zero, so an adapted model starts equal to its base. An adapted layer is still th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -135,3 +136,35 @@ def lora_layers(network: nn.Module) -> dict[str, LoRALayer]:
 def lora_parameters(network: nn.Module) -> list[nn.Parameter]:
     """The adapters' parameters (down, up), the only trainable ones of an adapted network."""
     return [p for m in lora_layers(network).values() for p in (m.lora_down.weight, m.lora_up.weight)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """A system's ``lora:`` settings. ``alpha`` None: ``rank`` (scale 1); ``text_encoder``: adapters on
+    the CLIP text encoder's attention projections too."""
+
+    rank: int = 4
+    alpha: float | None = None
+    dropout: float = 0.0
+    unet_targets: tuple[str, ...] = UNET_ATTENTION
+    text_encoder: bool = False
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any], where: str) -> "LoRAConfig":
+        """Build from a config mapping; an unknown or bad value is one line naming ``where.key``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]} is not a LoRA setting (known: {', '.join(sorted(known))})")
+        config = cls(**{**settings, "unet_targets": tuple(settings.get("unet_targets", UNET_ATTENTION))})
+        check_lora_args(config.rank, config.scale_alpha, config.dropout, where)
+        if not isinstance(config.text_encoder, bool):
+            raise ValueError(f"{where}.text_encoder must be true or false, got {config.text_encoder!r}")
+        return config
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.rank if self.alpha is None else self.alpha
+
+    def inject(self, network: nn.Module, targets: Sequence[str]) -> list[str]:
+        return inject_lora(network, targets, self.rank, self.scale_alpha, self.dropout)
