@@ -91,6 +91,13 @@ def kohya_name(path: str, num_res_blocks: int) -> str:
     return {"unet": "lora_unet_", "text_encoder": "lora_te_"}[part] + name.replace(".", "_")
 
 
+def unet_num_res_blocks(state: Mapping[str, torch.Tensor]) -> int:
+    """An sd-v1 UNet has levels * (num_res_blocks + 1) output blocks and levels - 1 downsamplers."""
+    blocks = {k.split(".")[3] for k in state if k.startswith(UNET_PREFIX + "output_blocks.")}
+    downsamplers = {k.split(".")[3] for k in state if k.startswith(UNET_PREFIX + "input_blocks.") and ".0.op." in k}
+    return len(blocks) // (len(downsamplers) + 1) - 1
+
+
 # ---- from our state -------------------------------------------------------------------------------
 def adapters(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Adapted module path -> (down, up), from a state dict of an adapted model."""
@@ -101,20 +108,18 @@ def has_adapters(state: Mapping[str, torch.Tensor]) -> bool:
     return any(k.endswith(DOWN) for k in state)
 
 
-def kohya_state_dict(state: Mapping[str, torch.Tensor], alpha: float,
-                     num_res_blocks: int) -> dict[str, torch.Tensor]:
+def kohya_state_dict(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """Format 1 of the module notes."""
-    out = {}
+    out, num_res_blocks = {}, unet_num_res_blocks(state)
     for path, (down, up) in adapters(state).items():
         name = kohya_name(path, num_res_blocks)
         out |= {name + DOWN: down, name + UP: up, name + ".alpha": torch.tensor(float(alpha))}
     return out
 
 
-def peft_state_dict(state: Mapping[str, torch.Tensor], alpha: float,
-                    num_res_blocks: int) -> dict[str, torch.Tensor]:
+def peft_state_dict(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """Format 2 of the module notes: the scale alpha / r is folded into lora_B."""
-    out = {}
+    out, num_res_blocks = {}, unet_num_res_blocks(state)
     for path, (down, up) in adapters(state).items():
         part, name = diffusers_path(path, num_res_blocks)
         out[f"{part}.{name}.lora_A.weight"] = down
@@ -172,18 +177,18 @@ def check_fits(name: str, group: Mapping[str, torch.Tensor], layer: nn.Module, s
     expected = {DOWN: (down.shape[0], layer.weight.shape[1], *extra), UP: (layer.weight.shape[0], down.shape[0], *extra)}
     for suffix, tensor in ((DOWN, down), (UP, up)):
         if tuple(tensor.shape) != expected[suffix]:
-            raise CheckpointError(f"{source}: does not fit this model: "
-                                  f"{wrong_shape(name + suffix, tensor.shape, expected[suffix])}")
+            shape = wrong_shape(name + suffix, tensor.shape, expected[suffix])
+            raise CheckpointError(f"{source}: does not fit this model: wrong shape {shape}")
 
 
 @torch.no_grad()
-def merge_kohya(model: nn.Module, path: str | os.PathLike, num_res_blocks: int, scale: float = 1.0) -> int:
+def merge_kohya(model: nn.Module, path: str | os.PathLike, scale: float = 1.0) -> int:
     """W += scale * (alpha / r) * up @ down for every adapter of the kohya file ``path`` (a file for
     another base, with names or shapes that do not fit, is one line naming it and the key); returns
     the number of layers changed."""
     source = str(path)
     groups = kohya_groups(load_state_dict(path), source)
-    layers = adaptable_layers(model, num_res_blocks)
+    layers = adaptable_layers(model, unet_num_res_blocks(model.state_dict()))
     for name, group in groups.items():
         if name not in layers:
             raise CheckpointError(f"{source}: does not fit this model: no layer for {name + DOWN!r}")
@@ -194,3 +199,11 @@ def merge_kohya(model: nn.Module, path: str | os.PathLike, num_res_blocks: int, 
         weight = layers[name].weight
         weight += delta_weight(group["down"], group["up"], scale * alpha / rank).to(weight)
     return len(groups)
+
+
+def save_kohya(state: Mapping[str, torch.Tensor], alpha: float, path: str | os.PathLike,
+               metadata: Mapping[str, str], dtype: torch.dtype = torch.float32) -> Path:
+    """The adapters of ``state`` as a kohya file in ``dtype`` (with kohya's ``ss_network_*`` facts)."""
+    lora = {k: v.to(dtype) for k, v in kohya_state_dict(state, alpha).items()}
+    rank = next(v.shape[0] for k, v in lora.items() if k.endswith(DOWN))
+    return save_lora(lora, path, {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha), **metadata})
