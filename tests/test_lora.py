@@ -260,3 +260,30 @@ def test_the_end_of_training_export_writes_the_kohya_file_and_the_merged_weights
     assert set(exported) == set(merged) and all(torch.equal(exported[k], merged[k]) for k in merged)
     assert set(kohya_state_dict(run.model.state_dict(), 5.0)) == set(load_state_dict(run.kohya))
     assert merged_state_dict(run.model.state_dict(), 5.0).keys() == merged.keys()
+
+
+# ---- the README's commands -----------------------------------------------------------------------
+def test_main_py_trains_a_lora_that_exports_and_samples(tmp_path):
+    """Train (tiny config, prior preservation, the end-of-training export), export_lora.py, sample.py --lora."""
+    from tests.main_helpers import DREAMBOOTH_TINY, base_checkpoint, make_images, run_dirs, run_main
+
+    base = base_checkpoint(tmp_path / "base.ckpt")
+    proc = run_main(["--base", str(DREAMBOOTH_TINY), "-t", "--actual_resume", str(base), "-n", "lora",
+                     "--data_root", str(make_images(tmp_path / "instance", 2)), "--reg_data_root",
+                     str(tmp_path / "reg"), "--class_word", "dog", "-l", str(tmp_path / "logs"),
+                     "model.params.lora.rank=2", "model.params.train_text_encoder=false",
+                     "lightning.trainer.max_steps=2", "dreambooth.num_class_images=2",
+                     "lightning.callbacks.export.target=ldm.callbacks.export.ExportOnTrainEnd"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    folder = run_dirs(tmp_path / "logs")[0]
+    state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    start = torch.load(base, weights_only=False)["state_dict"]
+    assert all(torch.equal(state[k], v) for k, v in start.items())  # the base is frozen
+    assert all(state[k].abs().max() > 0 for k in state if k.endswith(UP))  # the adapters trained from up = 0
+    config = next((folder / "configs").glob("*-project.yaml"))
+    kohya = tmp_path / "lora.safetensors"
+    assert export_lora.main([str(folder / "checkpoints" / "last.ckpt"), "--config", str(config),
+                             "--kohya", str(kohya), "--dtype", "fp32"]) == 0
+    assert load_state_dict(kohya).keys() == load_state_dict(folder / "export" / "lora.safetensors").keys()
+    with_lora = _sample(tmp_path, "lora", "--ckpt", base, "--lora", kohya)
+    assert np.array_equal(with_lora, _sample(tmp_path, "merged", "--ckpt", folder / "export" / "model.safetensors"))
