@@ -172,9 +172,11 @@ def kohya_groups(state: Mapping[str, torch.Tensor], source: str) -> dict[str, di
 
 
 def check_fits(name: str, group: Mapping[str, torch.Tensor], layer: nn.Module, source: str) -> None:
+    """down (r, in[, 1, 1]) and up (out, r[, 1, 1]) for the layer's weight (out, in[, 1, 1])."""
     down, up = group["down"], group["up"]
-    extra = tuple(layer.weight.shape[2:])
-    expected = {DOWN: (down.shape[0], layer.weight.shape[1], *extra), UP: (layer.weight.shape[0], down.shape[0], *extra)}
+    rank = down.shape[0]
+    out_features, in_features, *extra = layer.weight.shape
+    expected = {DOWN: (rank, in_features, *extra), UP: (out_features, rank, *extra)}
     for suffix, tensor in ((DOWN, down), (UP, up)):
         if tuple(tensor.shape) != expected[suffix]:
             shape = wrong_shape(name + suffix, tensor.shape, expected[suffix])
