@@ -108,18 +108,22 @@ def has_adapters(state: Mapping[str, torch.Tensor]) -> bool:
     return any(k.endswith(DOWN) for k in state)
 
 
-def kohya_state_dict(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """Format 1 of the module notes."""
-    out, num_res_blocks = {}, unet_num_res_blocks(state)
+def kohya_state_dict(state: Mapping[str, torch.Tensor], alpha: float,
+                     num_res_blocks: int | None = None) -> dict[str, torch.Tensor]:
+    """Format 1 of the module notes (``num_res_blocks`` None: read from a full ``state``)."""
+    out = {}
+    num_res_blocks = unet_num_res_blocks(state) if num_res_blocks is None else num_res_blocks
     for path, (down, up) in adapters(state).items():
         name = kohya_name(path, num_res_blocks)
         out |= {name + DOWN: down, name + UP: up, name + ".alpha": torch.tensor(float(alpha))}
     return out
 
 
-def peft_state_dict(state: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+def peft_state_dict(state: Mapping[str, torch.Tensor], alpha: float,
+                    num_res_blocks: int | None = None) -> dict[str, torch.Tensor]:
     """Format 2 of the module notes: the scale alpha / r is folded into lora_B."""
-    out, num_res_blocks = {}, unet_num_res_blocks(state)
+    out = {}
+    num_res_blocks = unet_num_res_blocks(state) if num_res_blocks is None else num_res_blocks
     for path, (down, up) in adapters(state).items():
         part, name = diffusers_path(path, num_res_blocks)
         out[f"{part}.{name}.lora_A.weight"] = down
@@ -204,8 +208,9 @@ def merge_kohya(model: nn.Module, path: str | os.PathLike, scale: float = 1.0) -
 
 
 def save_kohya(state: Mapping[str, torch.Tensor], alpha: float, path: str | os.PathLike,
-               metadata: Mapping[str, str], dtype: torch.dtype = torch.float32) -> Path:
+               metadata: Mapping[str, str], dtype: torch.dtype = torch.float32,
+               num_res_blocks: int | None = None) -> Path:
     """The adapters of ``state`` as a kohya file in ``dtype`` (with kohya's ``ss_network_*`` facts)."""
-    lora = {k: v.to(dtype) for k, v in kohya_state_dict(state, alpha).items()}
+    lora = {k: v.to(dtype) for k, v in kohya_state_dict(state, alpha, num_res_blocks).items()}
     rank = next(v.shape[0] for k, v in lora.items() if k.endswith(DOWN))
     return save_lora(lora, path, {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha), **metadata})

@@ -32,26 +32,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def lora_alpha(config_path: str) -> float:
-    settings = load_config([config_path]).model.params.get("lora")
-    if settings is None:
+def lora_facts(config_path: str) -> tuple[float, int]:
+    """(alpha, the UNet's num_res_blocks) of the run's config (a checkpoint may hold the adapters only)."""
+    params = load_config([config_path]).model.params
+    if params.get("lora") is None:
         raise ValueError(f"--config {config_path}: model.params.lora is null (not a LoRA run)")
-    return LoRAConfig.from_mapping(settings, f"{config_path}: model.params.lora").scale_alpha
+    alpha = LoRAConfig.from_mapping(params.lora, f"{config_path}: model.params.lora").scale_alpha
+    return alpha, params.unet_config.params.num_res_blocks
 
 
 def run(opt: argparse.Namespace) -> list[Path]:
     if not (opt.kohya or opt.peft or opt.merged):
         raise ValueError("nothing to write: pass --kohya, --peft and/or --merged")
-    alpha = lora_alpha(opt.config)
+    alpha, num_res_blocks = lora_facts(opt.config)
     weights, facts = read_training_checkpoint(opt.ckpt)
     if not has_adapters(weights):
         raise ValueError(f"{opt.ckpt}: no LoRA adapters (no *.lora_down.weight keys)")
     dtype = DTYPES[opt.dtype]
     written = []
     if opt.kohya:
-        written.append(save_kohya(weights, alpha, opt.kohya, facts, dtype))
+        written.append(save_kohya(weights, alpha, opt.kohya, facts, dtype, num_res_blocks))
     if opt.peft:
-        peft = {k: v.to(dtype) for k, v in peft_state_dict(weights, alpha).items()}
+        peft = {k: v.to(dtype) for k, v in peft_state_dict(weights, alpha, num_res_blocks).items()}
         written.append(save_lora(peft, opt.peft, facts))
     if opt.merged:
         merged = merged_state_dict(weights, alpha)

@@ -287,3 +287,14 @@ def test_main_py_trains_a_lora_that_exports_and_samples(tmp_path):
     assert load_state_dict(kohya).keys() == load_state_dict(folder / "export" / "lora.safetensors").keys()
     with_lora = _sample(tmp_path, "lora", "--ckpt", base, "--lora", kohya)
     assert np.array_equal(with_lora, _sample(tmp_path, "merged", "--ckpt", folder / "export" / "model.safetensors"))
+
+
+def test_export_lora_needs_only_the_adapters_in_the_checkpoint(run, tmp_path):
+    """A checkpoint that holds the trainable weights only (the adapters) exports the same kohya file."""
+    adapters_only = {k: v for k, v in run.model.state_dict().items() if k.endswith((DOWN, UP))}
+    save_checkpoint({"state_dict": adapters_only}, tmp_path / "lean.ckpt")
+    out = tmp_path / "kohya.safetensors"
+    assert export_lora.main([str(tmp_path / "lean.ckpt"), "--config", str(run.folder / "project.yaml"),
+                             "--kohya", str(out)]) == 0
+    ours, full = load_state_dict(out), load_state_dict(run.kohya)
+    assert ours.keys() == full.keys() and all(torch.equal(ours[k], full[k]) for k in full)
