@@ -14,6 +14,7 @@ setup(
         "db2-train = core.trainer:main",
         "db2-sample = scripts.sample:main",
         "db2-export = scripts.export:main",
+        "db2-export-lora = scripts.export_lora:main",
         "db2-caption = scripts.caption:main",
         "db2-retrieve = scripts.retrieve:main",
         "db2-export-blip2 = blip2.export:main",
@@ -37,6 +38,7 @@ setup(
     extras_require={
         # test oracles and test data; open_clip_torch is installed with --no-deps (see .ci/run)
         # pycocoevalcap: the coco-caption BLEU / CIDEr scorers (pure Python) as an oracle for ours
-        "test": ["pytest>=8", "diffusers>=0.30", "scikit-image", "accelerate", "pycocoevalcap"],
+        # peft: diffusers' load_lora_weights needs it (the oracle of our LoRA files)
+        "test": ["pytest>=8", "diffusers>=0.30", "scikit-image", "accelerate", "pycocoevalcap", "peft"],
     },
 )

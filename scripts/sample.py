@@ -24,6 +24,7 @@ from core.cli import run_cli
 from core.config import load_config
 from core.images import make_grid, next_index, save_png
 from ldm.loading import latent_factor, load_model
+from ldm.lora_export import merge_kohya
 from ldm.txt2img import sampling_mode, txt2img
 
 
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negative_prompt", default="", help="the unconditional prompt of the guidance")
     p.add_argument("--ckpt", default="models/ldm/stable-diffusion-v1/model.ckpt")
     p.add_argument("--config", default="configs/v1-inference.yaml")
+    p.add_argument("--lora", metavar="FILE", help="merge this LoRA (kohya .safetensors) into the weights")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of --lora (W + S * delta W)")
     p.add_argument("--random_init", action="store_true", help="no checkpoint: random weights (a smoke test)")
     p.add_argument("--outdir", default="outputs/txt2img-samples")
     p.add_argument("--ddim_steps", type=int, default=50)
@@ -93,6 +96,8 @@ def run(opt: argparse.Namespace) -> list[Path]:
     batches = read_prompts(opt)
     device = torch.device(opt.device)
     model = load_model(config, None if opt.random_init else opt.ckpt, device)
+    if opt.lora:
+        merge_kohya(model, opt.lora, opt.lora_scale)
     sampler = "plms" if opt.plms else "ddim"
     outdir, sample_dir = Path(opt.outdir), Path(opt.outdir) / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import torch
 from ldm import compat
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.lora import TEXT_ATTENTION, LoRAConfig
 
 
 def image_key(image: torch.Tensor) -> bytes:
@@ -40,26 +41,49 @@ def image_key(image: torch.Tensor) -> bytes:
     return hashlib.blake2b(header + data.numpy().tobytes(), digest_size=16).digest()
 
 
+def lora_settings(lora: Mapping[str, Any], train_text_encoder: bool, use_ema: bool) -> LoRAConfig:
+    """The ``lora:`` settings, checked against the other DreamBooth parameters."""
+    config = LoRAConfig.from_mapping(lora, "DreamBooth: lora")
+    if config.text_encoder != train_text_encoder:
+        raise ValueError(f"DreamBooth: lora.text_encoder={config.text_encoder} but train_text_encoder="
+                         f"{train_text_encoder}: with LoRA the text encoder trains only through its adapters")
+    if use_ema:
+        raise ValueError("DreamBooth: lora with use_ema is not implemented; set use_ema: false")
+    return config
+
+
 class DreamBooth(LatentDiffusion):
     """LatentDiffusion trained on ``{"instance": {...}, "class": {...}}`` batches (class optional).
 
     ``train_text_encoder`` trains the CLIP text encoder too (its own learning rate ``text_encoder_lr``,
     None = the UNet's); the VAE is always frozen. Every other argument is LatentDiffusion's but
     ``cond_stage_trainable``, which ``train_text_encoder`` sets.
+
+    ``lora`` (``ldm.modules.lora.LoRAConfig`` settings; None: full fine-tuning) freezes the UNet and
+    the text encoder and trains only low-rank adapters on them: on the UNet's ``unet_targets``, and on
+    the text encoder's attention when ``lora.text_encoder`` (which ``train_text_encoder`` must match).
+    The base checkpoint loads before the adapters exist, so its keys stay the sd-v1 keys.
     """
 
     def __init__(self, *, prior_loss_weight: float = 1.0, train_text_encoder: bool = True,
-                 text_encoder_lr: float | None = None, cache_latents: bool = False, **kwargs: Any):
+                 text_encoder_lr: float | None = None, cache_latents: bool = False,
+                 lora: Mapping[str, Any] | None = None, **kwargs: Any):
         if prior_loss_weight < 0:
             raise ValueError(f"DreamBooth: prior_loss_weight must be >= 0, got {prior_loss_weight}")
         if text_encoder_lr is not None and not train_text_encoder:
             raise ValueError("DreamBooth: text_encoder_lr is set but train_text_encoder is false")
+        lora_config = None if lora is None else lora_settings(lora, train_text_encoder, kwargs.get("use_ema", True))
         super().__init__(cond_stage_trainable=train_text_encoder, **kwargs)
         self.prior_loss_weight = prior_loss_weight
         self.train_text_encoder = train_text_encoder
         self.text_encoder_lr = text_encoder_lr
         self.cache_latents = cache_latents
         self.model.requires_grad_(True)  # LatentDiffusion froze the VAE and set the text encoder as asked
+        self.lora = lora_config
+        if lora_config is not None:
+            lora_config.inject(self.model.diffusion_model, lora_config.unet_targets)
+            if lora_config.text_encoder:
+                lora_config.inject(self.cond_stage_model.transformer, TEXT_ATTENTION)
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self._moment_cache: dict[bytes, torch.Tensor] = {}
 
