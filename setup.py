@@ -35,8 +35,11 @@ setup(
         "regex",
     ],
     extras_require={
+        # model.params.optimizer: adamw8bit (core.optim)
+        "8bit": ["bitsandbytes>=0.45"],
         # test oracles and test data; open_clip_torch is installed with --no-deps (see .ci/run)
         # pycocoevalcap: the coco-caption BLEU / CIDEr scorers (pure Python) as an oracle for ours
-        "test": ["pytest>=8", "diffusers>=0.30", "scikit-image", "accelerate", "pycocoevalcap"],
+        "test": ["pytest>=8", "diffusers>=0.30", "scikit-image", "accelerate", "pycocoevalcap",
+                 "bitsandbytes>=0.45"],
     },
 )

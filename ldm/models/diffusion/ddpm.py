@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from core.optim import build_optimizer, check_optimizer
 from core.weights import load_state_dict, load_strict
 from ldm import compat
 from ldm.models.diffusion.schedule import make_beta_schedule, q_sample, schedule_buffers
@@ -43,7 +44,8 @@ class DDPM(pl.LightningModule):
 
     CompVis configs build through ``from_config_params`` (``ldm.compat``), which drops the
     parameters kept only for compatibility; the constructor takes what the model uses.
-    ``image_size`` is the size the denoiser works at (latent pixels for LatentDiffusion).
+    ``image_size`` is the size the denoiser works at (latent pixels for LatentDiffusion);
+    ``optimizer`` names one of ``core.optim.OPTIMIZERS`` (AdamW with its default decay on every tensor).
     """
 
     def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
@@ -52,8 +54,9 @@ class DDPM(pl.LightningModule):
                  linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3,
                  given_betas: Sequence[float] | None = None, v_posterior: float = 0.0,
                  l_simple_weight: float = 1.0, scheduler_config: Mapping | None = None,
-                 ema_decay: float = 0.9999):
+                 ema_decay: float = 0.9999, optimizer: str = "adamw"):
         super().__init__()
+        self.optimizer_name = check_optimizer(optimizer)
         self.first_stage_key = first_stage_key
         self.image_size, self.channels = image_size, channels
         self.l_simple_weight = l_simple_weight
@@ -149,7 +152,7 @@ class DDPM(pl.LightningModule):
         return [{"params": self.trainable_parameters()}]
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.param_groups(), lr=self.learning_rate)
+        opt = build_optimizer(self.param_groups(), self.learning_rate, name=self.optimizer_name)
         if self.scheduler_config is None:
             return opt
         schedule = instantiate_from_config(self.scheduler_config)
