@@ -2,7 +2,9 @@
 diffusion process (``schedule.py``) and, for latent diffusion, an autoencoder and a text encoder.
 
 The state-dict keys are those of the released sd-v1 checkpoints: ``model.diffusion_model.*``,
-``first_stage_model.*``, ``cond_stage_model.*``, the schedule buffers and ``model_ema.*``.
+``first_stage_model.*``, ``cond_stage_model.*``, the schedule buffers and ``model_ema.*``. A system
+built from a base file (``ckpt_path``) writes lean training checkpoints (``core.lean``): its frozen
+parameters are left out and read back from that file, checked by its hash, on resume.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from einops import rearrange
 from torch import nn
 
 from core.optim import build_optimizer, check_optimizer
-from core.weights import load_state_dict, load_strict
+from core.lean import BASE_KEY, frozen_keys, full_state_dict, make_lean, restore_state
+from core.weights import load_strict
 from ldm import compat
 from ldm.models.diffusion.schedule import make_beta_schedule, q_sample, schedule_buffers
 from ldm.modules.ema import LitEma
@@ -71,6 +74,8 @@ class DDPM(pl.LightningModule):
         for name, value in schedule_buffers(betas, v_posterior).items():
             self.register_buffer(name, value)
         self.learning_rate = 1e-4
+        self.base_path: str | None = None  # the file init_from_ckpt loaded: lean checkpoints refer to it
+        self.base_ignore_keys: tuple[str, ...] = ()
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
 
@@ -81,8 +86,25 @@ class DDPM(pl.LightningModule):
 
     # ---- weights -------------------------------------------------------------------------
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
-        """Load an sd-v1 style checkpoint with strict key and shape checks (see ``load_sd_weights``)."""
-        load_sd_weights(self, load_state_dict(path), source=str(path), ignore_keys=ignore_keys)
+        """Load an sd-v1 style checkpoint (or a lean one of ours, completed from its base) with strict
+        key and shape checks (see ``load_sd_weights``); it becomes the base of lean checkpoints."""
+        load_sd_weights(self, full_state_dict(path), source=str(path), ignore_keys=ignore_keys)
+        self.base_path, self.base_ignore_keys = str(path), tuple(ignore_keys)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lean: the frozen parameters loaded from the base file are left out (``core.lean``)."""
+        if self.base_path is not None:
+            make_lean(checkpoint, self, self.base_path, keep=self.base_ignore_keys)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A lean checkpoint's frozen parameters come back from its checked base before the strict load;
+        this run's checkpoints then refer to the same base."""
+        if BASE_KEY in checkpoint:
+            source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            checkpoint["state_dict"] = restore_state(checkpoint, str(source))
+            left_out = set(checkpoint[BASE_KEY]["keys"])
+            self.base_path = checkpoint[BASE_KEY]["path"]
+            self.base_ignore_keys = tuple(k for k in frozen_keys(self) if k not in left_out)
 
     @contextlib.contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:
