@@ -36,9 +36,12 @@ setup(
         "regex",
     ],
     extras_require={
+        # model.params.optimizer: adamw8bit (core.optim)
+        "8bit": ["bitsandbytes>=0.45"],
         # test oracles and test data; open_clip_torch is installed with --no-deps (see .ci/run)
         # pycocoevalcap: the coco-caption BLEU / CIDEr scorers (pure Python) as an oracle for ours
         # peft: diffusers' load_lora_weights needs it (the oracle of our LoRA files)
-        "test": ["pytest>=8", "diffusers>=0.30", "scikit-image", "accelerate", "pycocoevalcap", "peft"],
+        "test": ["pytest>=8", "diffusers>=0.30", "scikit-image", "accelerate", "pycocoevalcap", "peft",
+                 "bitsandbytes>=0.45"],
     },
 )

@@ -6,15 +6,42 @@ dimensions (biases, norms, scalars such as BLIP-2's temperature) get no weight d
 system decays everything (``decay_1d``; CompVis trains latent diffusion with AdamW's default decay on
 every tensor). ``lr_scale(name)`` gives per-parameter scales (BLIP-2's layer-wise ViT decay); a group's
 learning rate is ``lr * lr_scale``, and ``set_lr`` applies a schedule's value the same way.
+
+The optimizer is named by every system's ``optimizer`` parameter (``model.params.optimizer``), one
+vocabulary: ``adamw`` (``torch.optim.AdamW``, the default) or ``adamw8bit`` (bitsandbytes'
+``AdamW8bit``: block-wise 8-bit moments, 2 bytes a parameter instead of 8; Dettmers et al. 2022,
+arXiv 2110.02861). ``check_optimizer`` runs in the systems' constructors, so a missing bitsandbytes
+is one line before any work starts.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 ADAMW_DEFAULT_DECAY = 0.01  # torch.optim.AdamW's default weight decay (CompVis / DreamBooth use it)
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def check_optimizer(name: str) -> str:
+    """``name`` when it is an optimizer of ``OPTIMIZERS`` that can be built here, else one ``ValueError`` line."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"model.params.optimizer={name!r}: expected one of {', '.join(OPTIMIZERS)}")
+    if name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("model.params.optimizer=adamw8bit needs bitsandbytes, which is not installed "
+                         "(pip install -e '.[8bit]', or set model.params.optimizer=adamw)")
+    return name
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The class of an ``OPTIMIZERS`` name (bitsandbytes is imported only for ``adamw8bit``)."""
+    if check_optimizer(name) == "adamw8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit
+    return torch.optim.AdamW
 
 
 def no_decay(param: nn.Parameter) -> bool:
@@ -44,12 +71,14 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
 
 
 def build_optimizer(groups: Sequence[dict[str, Any]], lr: float, betas: Sequence[float] = (0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.Optimizer:
-    """AdamW over ``groups`` (a group without its own ``lr`` gets ``lr * lr_scale``)."""
+                    eps: float = 1e-8, weight_decay: float = ADAMW_DEFAULT_DECAY,
+                    name: str = "adamw") -> torch.optim.Optimizer:
+    """The ``name`` optimizer over ``groups`` (a group without its own ``lr`` gets ``lr * lr_scale``,
+    one without its own ``weight_decay`` gets ``weight_decay``)."""
     if not any(group["params"] for group in groups):
         raise ValueError("no trainable parameters: every part of the model is frozen")
     groups = [{**group, "lr": group.get("lr", lr * group.get("lr_scale", 1.0))} for group in groups if group["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    return optimizer_class(name)(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

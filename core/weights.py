@@ -83,11 +83,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read the weights of a checkpoint: its ``state_dict`` entry when there is one, else the file."""
-    ckpt = load_checkpoint(path)
+    return weights_of(load_checkpoint(path), str(path))
+
+
+def weights_of(ckpt: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """The weights of a read checkpoint (``source`` names it in errors): ``state_dict``, else all of it."""
     state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source}: 'state_dict' is a {type(state).__name__}, expected a dict of tensors")
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: expected tensors, but key {bad[0]!r} holds {type(state[bad[0]]).__name__}")
+        raise CheckpointError(f"{source}: expected tensors, but key {bad[0]!r} holds {type(state[bad[0]]).__name__}")
     return dict(state)
 
 

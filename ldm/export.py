@@ -1,7 +1,7 @@
 """Slim inference checkpoints from training checkpoints (k-diffusion's ``convert_for_inference`` idea).
 
-Input: a Lightning training checkpoint (``last.ckpt``: ``state_dict`` plus optimizer, loops, ...) or
-any sd-v1 file. Output: the sd-v1 layout only, ``model.diffusion_model.*``, ``first_stage_model.*``,
+Input: a Lightning training checkpoint (``last.ckpt``: ``state_dict`` plus optimizer, loops, ...;
+a lean one is completed from the base file it refers to, ``core.lean``) or any sd-v1 file. Output: the sd-v1 layout only, ``model.diffusion_model.*``, ``first_stage_model.*``,
 ``cond_stage_model.transformer.text_model.*`` and the schedule buffers:
 
 1. the keys are checked against that layout (one error line naming the odd keys, in
@@ -29,6 +29,7 @@ import torch
 
 from core.weights import SAFETENSORS_SUFFIXES, CheckpointError, load_checkpoint, raise_mismatch, save_checkpoint
 from core.config import DTYPES
+from core.lean import restore_state
 from ldm.models.diffusion.ddpm import EMA_PREFIX
 from ldm.models.diffusion.schedule import make_beta_schedule, schedule_buffers
 
@@ -95,10 +96,7 @@ def read_training_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], d
     for key in ("global_step", "epoch"):
         if isinstance(ckpt.get(key), int):
             facts[key] = str(ckpt[key])
-    state = ckpt.get("state_dict", ckpt)
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path}: 'state_dict' is a {type(state).__name__}, expected a dict of tensors")
-    return dict(state), facts
+    return restore_state(ckpt, str(path)), facts
 
 
 def save_inference_checkpoint(state: Mapping[str, torch.Tensor], path: str | os.PathLike,

@@ -32,7 +32,7 @@ from blip2.metrics import caption_scores, vqa_accuracy
 from blip2.modules.blip2_opt import VQA_TEMPLATE, Blip2OPT
 from blip2.optim import vit_layer_lr_scale
 from core.config import DTYPES, instantiate_from_config
-from core.optim import build_optimizer, param_groups, set_lr
+from core.optim import build_optimizer, check_optimizer, param_groups, set_lr
 from core.weights import read_json
 
 CAPTION_GENERATION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
@@ -70,7 +70,8 @@ class Blip2OPTFinetune(pl.LightningModule):
     Batches: ``{"image": [B, 3, s, s], "text_input": [B captions]}`` for training; for validation
     ``{"image", "image_id", "references"}`` (captions) or ``{"image", "question", "answers"}`` (VQA).
     Optimiser: AdamW (betas 0.9 / ``beta2``), no decay on biases and norms, optional layer-wise lr
-    decay of the ViT (``blip2.optim``), groups and AdamW from ``core.optim``.
+    decay of the ViT (``blip2.optim``), groups and AdamW (``optimizer``: ``adamw`` or ``adamw8bit``) from
+    ``core.optim``.
     ``learning_rate`` is the peak lr (main.py sets it from ``base_learning_rate``). ``scheduler_config``:
     ``{target, params}`` of an lr multiplier f(step, epoch) of ``core.schedules``, the vocabulary of
     every system (LAVIS's warm-up + per-epoch cosine is ``LinearWarmupCosine`` with ``f_start`` =
@@ -84,8 +85,10 @@ class Blip2OPTFinetune(pl.LightningModule):
                  max_txt_len: int = 32, learning_rate: float = 1e-4,
                  scheduler_config: Mapping[str, Any] | None = None, weight_decay: float = 0.05,
                  beta2: float = 0.999, vit_layer_decay: float = 1.0, generation: Mapping | None = None,
-                 vqa_generation: Mapping | None = None, vqa_template: str = VQA_TEMPLATE):
+                 vqa_generation: Mapping | None = None, vqa_template: str = VQA_TEMPLATE,
+                 optimizer: str = "adamw"):
         super().__init__()
+        self.optimizer_name = check_optimizer(optimizer)
         if frozen_dtype not in DTYPES:
             raise ValueError(f"frozen_dtype={frozen_dtype!r}: expected one of {sorted(DTYPES)}")
         self.model, self.blip2_config = load_model(pretrained, config, tokenizer)
@@ -139,7 +142,7 @@ class Blip2OPTFinetune(pl.LightningModule):
         self.schedule = self.build_schedule()
         groups = param_groups(self.model.named_parameters(), self.weight_decay,
                               lr_scale=vit_layer_lr_scale(self.model, self.vit_layer_decay))
-        return build_optimizer(groups, self.learning_rate, betas=(0.9, self.beta2))
+        return build_optimizer(groups, self.learning_rate, betas=(0.9, self.beta2), name=self.optimizer_name)
 
     def build_schedule(self) -> Callable[[int, int], float]:
         """f(step, epoch) from ``scheduler_config`` (a per-epoch cosine runs over the trainer's epochs)."""

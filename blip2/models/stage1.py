@@ -23,7 +23,7 @@ from blip2.modules.blip2_qformer import Blip2Qformer
 from blip2.processors import CLIP_MEAN, CLIP_STD
 from blip2.stage1_weights import load_bert_weights, load_vision_weights
 from core.config import instantiate_from_config
-from core.optim import build_optimizer, param_groups
+from core.optim import build_optimizer, check_optimizer, param_groups
 
 MODEL_PREFIX = "model."
 # the parts trained besides the two single tensors (query_tokens, temp), ln_vision or the whole ViT first
@@ -37,7 +37,8 @@ class Blip2Stage1(pl.LightningModule):
     ``learning_rate`` is the peak lr (main.py overwrites it from ``base_learning_rate``);
     ``scheduler_config``: ``{target, params}`` of a per-step lr multiplier (``core.schedules``).
     Optimiser: AdamW (paper: betas (0.9, 0.98), weight decay 0.05) through ``core.optim``, no decay
-    on tensors with fewer than 2 dimensions (biases, norms, the temperature; LAVIS's rule).
+    on tensors with fewer than 2 dimensions (biases, norms, the temperature; LAVIS's rule);
+    ``optimizer``: ``adamw`` or ``adamw8bit`` (``core.optim``).
     Initial weights (``blip2.stage1_weights``): ``vision_weights``, a BLIP-2 Hub folder whose
     ``vision_model.*`` (EVA ViT-g) are read; ``bert_weights``, a ``bert-base-uncased`` folder for the
     Q-Former; otherwise BERT's random initialisation.
@@ -50,8 +51,9 @@ class Blip2Stage1(pl.LightningModule):
                  learning_rate: float = 1e-4, weight_decay: float = 0.05, betas: Sequence[float] = (0.9, 0.98),
                  scheduler_config: Mapping[str, Any] | None = None, vision_weights: str | os.PathLike | None = None,
                  bert_weights: str | os.PathLike | None = None, image_mean: Sequence[float] = CLIP_MEAN,
-                 image_std: Sequence[float] = CLIP_STD):
+                 image_std: Sequence[float] = CLIP_STD, optimizer: str = "adamw"):
         super().__init__()
+        self.optimizer_name = check_optimizer(optimizer)
         self.model = Blip2Qformer(vision_config, qformer_config, num_query_tokens, embed_dim, max_txt_len,
                                   tokenizer, temp, image_mean, image_std)
         if vision_weights is not None:
@@ -105,7 +107,7 @@ class Blip2Stage1(pl.LightningModule):
     def configure_optimizers(self):
         """AdamW over ``core.optim.param_groups`` of the trainable parameters; per-step lr schedule."""
         groups = param_groups(self.named_trainable_parameters(), self.weight_decay)
-        opt = build_optimizer(groups, self.learning_rate, betas=self.betas)
+        opt = build_optimizer(groups, self.learning_rate, betas=self.betas, name=self.optimizer_name)
         if self.scheduler_config is None:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=instantiate_from_config(self.scheduler_config))

@@ -1,6 +1,7 @@
-"""Full-state checkpoints from which a run resumes exactly, and the pieces they need.
+"""Resumable checkpoints from which a run resumes exactly, and the pieces they need.
 
-A checkpoint holds the weights (EMA included: ``model_ema.*``), optimizer, LR scheduler, step and
+A checkpoint holds the weights (EMA included: ``model_ema.*``; without the frozen ones a system
+leaves out and refers to its base file for, ``core.lean``), optimizer, LR scheduler, step and
 loop counters (Lightning's), the data order (``DataModuleFromConfig.state_dict``) and the RNG
 states of torch, CUDA, numpy and python for every rank (here). On CPU a resumed run reproduces
 the uninterrupted run's losses and weights bit for bit. How:

@@ -17,16 +17,19 @@ import lightning.pytorch as pl
 import torch
 from einops import rearrange
 
+from core.optim import build_optimizer, check_optimizer
 from ldm.models.autoencoder import AutoencoderKL
 
 
 class AutoencoderKLTraining(AutoencoderKL, pl.LightningModule):
-    """``learning_rate`` is set by main.py from ``base_learning_rate``; Adam with betas (0.5, 0.9) as CompVis."""
+    """``learning_rate`` is set by main.py from ``base_learning_rate``; Adam with betas (0.5, 0.9) as CompVis
+    (``core.optim``'s ``optimizer``, without weight decay: AdamW then is Adam)."""
 
     def __init__(self, ddconfig: Mapping[str, Any], embed_dim: int, kl_weight: float = 1e-6,
-                 learning_rate: float = 4.5e-6, **kwargs: Any):
+                 learning_rate: float = 4.5e-6, optimizer: str = "adamw", **kwargs: Any):
         super().__init__(ddconfig, embed_dim, **kwargs)
         self.kl_weight, self.learning_rate = kl_weight, learning_rate
+        self.optimizer_name = check_optimizer(optimizer)
 
     def get_input(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """(B, H, W, C) in [-1, 1], the CompVis data-set convention -> (B, C, H, W)."""
@@ -51,4 +54,5 @@ class AutoencoderKLTraining(AutoencoderKL, pl.LightningModule):
         self.log_dict(logs, on_epoch=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.learning_rate, betas=(0.5, 0.9))
+        groups = [{"params": list(self.parameters())}]
+        return build_optimizer(groups, self.learning_rate, betas=(0.5, 0.9), weight_decay=0.0, name=self.optimizer_name)

@@ -2,7 +2,9 @@
 diffusion process (``schedule.py``) and, for latent diffusion, an autoencoder and a text encoder.
 
 The state-dict keys are those of the released sd-v1 checkpoints: ``model.diffusion_model.*``,
-``first_stage_model.*``, ``cond_stage_model.*``, the schedule buffers and ``model_ema.*``.
+``first_stage_model.*``, ``cond_stage_model.*``, the schedule buffers and ``model_ema.*``. A system
+built from a base file (``ckpt_path``) writes lean training checkpoints (``core.lean``): its frozen
+parameters are left out and read back from that file, checked by its hash, on resume.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from core.weights import load_state_dict, load_strict
+from core.optim import build_optimizer, check_optimizer
+from core.lean import BASE_KEY, frozen_keys, full_state_dict, make_lean, restore_state
+from core.weights import load_strict
 from ldm import compat
 from ldm.models.diffusion.schedule import make_beta_schedule, min_snr_weight, offset_noise, q_sample, schedule_buffers
 from ldm.modules.ema import LitEma
@@ -43,7 +47,8 @@ class DDPM(pl.LightningModule):
 
     CompVis configs build through ``from_config_params`` (``ldm.compat``), which drops the
     parameters kept only for compatibility; the constructor takes what the model uses.
-    ``image_size`` is the size the denoiser works at (latent pixels for LatentDiffusion).
+    ``image_size`` is the size the denoiser works at (latent pixels for LatentDiffusion);
+    ``optimizer`` names one of ``core.optim.OPTIMIZERS`` (AdamW with its default decay on every tensor).
     Loss options (both off by default): ``snr_gamma`` weights each sample's eps loss by Min-SNR-gamma,
     ``noise_offset`` adds a per-channel offset to eps (``schedule.min_snr_weight``, ``offset_noise``).
     """
@@ -54,12 +59,14 @@ class DDPM(pl.LightningModule):
                  linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3,
                  given_betas: Sequence[float] | None = None, v_posterior: float = 0.0,
                  l_simple_weight: float = 1.0, scheduler_config: Mapping | None = None,
-                 ema_decay: float = 0.9999, snr_gamma: float | None = None, noise_offset: float = 0.0):
+                 ema_decay: float = 0.9999, snr_gamma: float | None = None, noise_offset: float = 0.0,
+                 optimizer: str = "adamw"):
         super().__init__()
         if (snr_gamma is not None and snr_gamma <= 0) or noise_offset < 0:
             raise ValueError(f"DDPM: snr_gamma={snr_gamma}, noise_offset={noise_offset}: expected > 0 (or null) "
                              "and >= 0")
         self.snr_gamma, self.noise_offset = snr_gamma, noise_offset
+        self.optimizer_name = check_optimizer(optimizer)
         self.first_stage_key = first_stage_key
         self.image_size, self.channels = image_size, channels
         self.l_simple_weight = l_simple_weight
@@ -74,6 +81,8 @@ class DDPM(pl.LightningModule):
         for name, value in schedule_buffers(betas, v_posterior).items():
             self.register_buffer(name, value)
         self.learning_rate = 1e-4
+        self.base_path: str | None = None  # the file init_from_ckpt loaded: lean checkpoints refer to it
+        self.base_ignore_keys: tuple[str, ...] = ()
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
 
@@ -84,8 +93,25 @@ class DDPM(pl.LightningModule):
 
     # ---- weights -------------------------------------------------------------------------
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
-        """Load an sd-v1 style checkpoint with strict key and shape checks (see ``load_sd_weights``)."""
-        load_sd_weights(self, load_state_dict(path), source=str(path), ignore_keys=ignore_keys)
+        """Load an sd-v1 style checkpoint (or a lean one of ours, completed from its base) with strict
+        key and shape checks (see ``load_sd_weights``); it becomes the base of lean checkpoints."""
+        load_sd_weights(self, full_state_dict(path), source=str(path), ignore_keys=ignore_keys)
+        self.base_path, self.base_ignore_keys = str(path), tuple(ignore_keys)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lean: the frozen parameters loaded from the base file are left out (``core.lean``)."""
+        if self.base_path is not None:
+            make_lean(checkpoint, self, self.base_path, keep=self.base_ignore_keys)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A lean checkpoint's frozen parameters come back from its checked base before the strict load;
+        this run's checkpoints then refer to the same base."""
+        if BASE_KEY in checkpoint:
+            source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            checkpoint["state_dict"] = restore_state(checkpoint, str(source))
+            left_out = set(checkpoint[BASE_KEY]["keys"])
+            self.base_path = checkpoint[BASE_KEY]["path"]
+            self.base_ignore_keys = tuple(k for k in frozen_keys(self) if k not in left_out)
 
     @contextlib.contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:
@@ -159,7 +185,7 @@ class DDPM(pl.LightningModule):
         return [{"params": self.trainable_parameters()}]
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.param_groups(), lr=self.learning_rate)
+        opt = build_optimizer(self.param_groups(), self.learning_rate, name=self.optimizer_name)
         if self.scheduler_config is None:
             return opt
         schedule = instantiate_from_config(self.scheduler_config)

@@ -1,0 +1,103 @@
+"""Lean training checkpoints: the weights that change, and a reference to the base file for the rest.
+
+A system fine-tuned from a base weight file (DreamBooth from sd-v1) keeps much of it frozen: the VAE,
+the text encoder when it is not trained, the UNet under LoRA adapters. Its checkpoints leave those
+tensors out of ``state_dict`` and say where they are, under ``base_weights``:
+
+    {"path": the base file (absolute), "sha256": its content, "size": its bytes,
+     "keys": the state-dict keys left out, each the base file's tensor of that key}
+
+1. Frozen: a parameter with ``requires_grad`` False (the EMA shadows trainable parameters only, so
+   no frozen tensor is EMA'd). Buffers are always kept: the schedule, ``scale_factor``, the EMA.
+2. Every reader of a checkpoint (resume, export, ``load_model``) completes it with ``restore_state``:
+   the file at ``path`` must still hold the recorded ``sha256``; a moved or changed base is one
+   ``CheckpointError`` line. A base may itself be a lean checkpoint (it is completed the same way).
+3. The hash of a file is computed once per process and cached by (path, size, mtime).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from core.weights import CheckpointError, load_checkpoint, raise_mismatch, weights_of
+
+BASE_KEY = "base_weights"
+_CHUNK = 1 << 24
+_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of the file's bytes, cached by (resolved path, size, mtime)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _hashes:
+        _hashes[key] = _hash_file(path)
+    return _hashes[key]
+
+
+def frozen_keys(module: nn.Module, keep: tuple[str, ...] = ()) -> list[str]:
+    """State-dict keys of the frozen parameters of ``module``, but those starting with a ``keep`` prefix."""
+    return [name for name, p in module.named_parameters(remove_duplicate=False)
+            if not p.requires_grad and not (keep and name.startswith(keep))]
+
+
+def base_reference(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, Any]:
+    """The ``base_weights`` entry of a checkpoint whose ``keys`` are those of the file at ``path``."""
+    path = Path(path).resolve()
+    return {"path": str(path), "sha256": file_sha256(path), "size": path.stat().st_size, "keys": list(keys)}
+
+
+def make_lean(checkpoint: dict[str, Any], module: nn.Module, base: str | os.PathLike,
+              keep: tuple[str, ...] = ()) -> None:
+    """Leave ``module``'s frozen parameters out of ``checkpoint["state_dict"]`` and reference ``base``,
+    the file they were loaded from (``keep``: prefixes of frozen parameters that did not come from it)."""
+    keys = frozen_keys(module, keep)
+    if not keys:
+        return
+    left_out = set(keys)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in left_out}
+    checkpoint[BASE_KEY] = base_reference(base, keys)
+
+
+def check_base(reference: Mapping[str, Any], source: str) -> Path:
+    """The base file of ``reference``, when it is there and unchanged; else one ``CheckpointError`` line."""
+    path = Path(reference["path"])
+    if not path.is_file():
+        raise CheckpointError(f"{source}: its base weights {path} are not there (moved or deleted?); the checkpoint "
+                              f"holds only the trained weights and needs that file (sha256 {reference['sha256']})")
+    found = file_sha256(path)
+    if found != reference["sha256"]:
+        raise CheckpointError(f"{source}: its base weights {path} have changed (sha256 {found}, trained from "
+                              f"{reference['sha256']}): refused, the frozen weights would not be those it was trained with")
+    return path
+
+
+def restore_state(checkpoint: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """The complete weights of a read checkpoint: its own, and a lean one's left-out keys from its base."""
+    state = weights_of(checkpoint, source)
+    reference = checkpoint.get(BASE_KEY)
+    if reference is None:
+        return state
+    path = check_base(reference, source)
+    base = full_state_dict(path)
+    raise_mismatch(str(path), f"the base weights of {source}", [k for k in reference["keys"] if k not in base], [])
+    return {**{k: base[k] for k in reference["keys"]}, **state}
+
+
+def full_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``core.weights.load_state_dict`` of ``path``, completed by ``restore_state`` when it is lean."""
+    return restore_state(load_checkpoint(path), str(path))
