@@ -265,6 +265,7 @@ def test_the_end_of_training_export_writes_the_kohya_file_and_the_merged_weights
 # ---- the README's commands -----------------------------------------------------------------------
 def test_main_py_trains_a_lora_that_exports_and_samples(tmp_path):
     """Train (tiny config, prior preservation, the end-of-training export), export_lora.py, sample.py --lora."""
+    from core.lean import full_state_dict
     from tests.main_helpers import DREAMBOOTH_TINY, base_checkpoint, make_images, run_dirs, run_main
 
     base = base_checkpoint(tmp_path / "base.ckpt")
@@ -276,9 +277,14 @@ def test_main_py_trains_a_lora_that_exports_and_samples(tmp_path):
                      "lightning.callbacks.export.target=ldm.callbacks.export.ExportOnTrainEnd"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     folder = run_dirs(tmp_path / "logs")[0]
-    state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    start = torch.load(base, weights_only=False)["state_dict"]
-    assert all(torch.equal(state[k], v) for k, v in start.items())  # the base is frozen
+    ckpt = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)
+    state, start = ckpt["state_dict"], torch.load(base, weights_only=False)["state_dict"]
+    # lean: the frozen base (UNet under the adapters, VAE, text encoder) is left out, by reference
+    left_out = set(ckpt["base_weights"]["keys"])
+    assert {k for k in start if k.startswith("model.diffusion_model.")} <= left_out and not left_out & set(state)
+    assert {k for k in state if k.startswith("model.diffusion_model.")} == {k for k in state if k.endswith((DOWN, UP))}
+    full = full_state_dict(folder / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(full[k], v) for k, v in start.items())  # the base is frozen
     assert all(state[k].abs().max() > 0 for k in state if k.endswith(UP))  # the adapters trained from up = 0
     config = next((folder / "configs").glob("*-project.yaml"))
     kohya = tmp_path / "lora.safetensors"
