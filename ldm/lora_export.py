@@ -25,7 +25,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from core.weights import CheckpointError, load_state_dict, save_checkpoint, wrong_shape
+from core.weights import CheckpointError, load_state_dict, raise_mismatch, save_checkpoint, wrong_shape
 from ldm.modules.lora import is_pointwise_conv
 
 UNET_PREFIX = "model.diffusion_model."
@@ -175,16 +175,14 @@ def kohya_groups(state: Mapping[str, torch.Tensor], source: str) -> dict[str, di
     return groups
 
 
-def check_fits(name: str, group: Mapping[str, torch.Tensor], layer: nn.Module, source: str) -> None:
-    """down (r, in[, 1, 1]) and up (out, r[, 1, 1]) for the layer's weight (out, in[, 1, 1])."""
-    down, up = group["down"], group["up"]
-    rank = down.shape[0]
+def wrong_shapes(name: str, group: Mapping[str, torch.Tensor], layer: nn.Module) -> list[str]:
+    """down (r, in[, 1, 1]) and up (out, r[, 1, 1]) for the layer's weight (out, in[, 1, 1]): the
+    ``wrong_shape`` lines of those that do not fit."""
+    rank = group["down"].shape[0]
     out_features, in_features, *extra = layer.weight.shape
     expected = {DOWN: (rank, in_features, *extra), UP: (out_features, rank, *extra)}
-    for suffix, tensor in ((DOWN, down), (UP, up)):
-        if tuple(tensor.shape) != expected[suffix]:
-            shape = wrong_shape(name + suffix, tensor.shape, expected[suffix])
-            raise CheckpointError(f"{source}: does not fit this model: wrong shape {shape}")
+    return [wrong_shape(name + suffix, tensor.shape, expected[suffix])
+            for suffix, tensor in ((DOWN, group["down"]), (UP, group["up"])) if tuple(tensor.shape) != expected[suffix]]
 
 
 @torch.no_grad()
@@ -195,10 +193,9 @@ def merge_kohya(model: nn.Module, path: str | os.PathLike, scale: float = 1.0) -
     source = str(path)
     groups = kohya_groups(load_state_dict(path), source)
     layers = adaptable_layers(model, unet_num_res_blocks(model.state_dict()))
-    for name, group in groups.items():
-        if name not in layers:
-            raise CheckpointError(f"{source}: does not fit this model: no layer for {name + DOWN!r}")
-        check_fits(name, group, layers[name], source)
+    unexpected = [name + DOWN for name in groups if name not in layers]
+    wrong = [line for name, group in groups.items() if name in layers for line in wrong_shapes(name, group, layers[name])]
+    raise_mismatch(source, "model's LoRA", [], unexpected, wrong)
     for name, group in groups.items():
         rank = group["down"].shape[0]
         alpha = float(group["alpha"]) if "alpha" in group else rank
