@@ -1,11 +1,11 @@
 """Optimizers: one parameter-group rule and one builder for every system.
 
-A group holds trainable parameters of one part (``name``) with one learning-rate scale and one
-weight decay. The no-decay rule (LAVIS ``get_optimizer_params``): tensors with fewer than two
-dimensions (biases, norms, scalars such as BLIP-2's temperature) get no weight decay, unless the
-system decays everything (``decay_1d``; CompVis trains latent diffusion with AdamW's default decay on
-every tensor). ``lr_scale(name)`` gives per-parameter scales (BLIP-2's layer-wise ViT decay); a group's
-learning rate is ``lr * lr_scale``, and ``set_lr`` applies a schedule's value the same way.
+A group holds trainable parameters with one learning-rate scale and one weight decay. The no-decay
+rule (LAVIS ``get_optimizer_params``): tensors with fewer than two dimensions (biases, norms, scalars
+such as BLIP-2's temperature) get no weight decay (``param_groups``; latent diffusion, as CompVis, gives
+its own groups no ``weight_decay`` and so AdamW's default decay on every tensor). ``lr_scale(name)``
+gives per-parameter scales (BLIP-2's layer-wise ViT decay); a group's learning rate is
+``lr * lr_scale``, and ``set_lr`` applies a schedule's value the same way.
 
 The optimizer is named by every system's ``optimizer`` parameter (``model.params.optimizer``), one
 vocabulary: ``adamw`` (``torch.optim.AdamW``, the default) or ``adamw8bit`` (bitsandbytes'
@@ -49,23 +49,19 @@ def no_decay(param: nn.Parameter) -> bool:
     return param.ndim < 2
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, name: str = "",
-                 decay_1d: bool = False, lr_scale: Callable[[str], float] | None = None,
-                 lr: float | None = None) -> list[dict[str, Any]]:
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                 lr_scale: Callable[[str], float] | None = None) -> list[dict[str, Any]]:
     """Groups of the trainable parameters in ``named``: one per (lr scale, decayed or not), each
-    with ``params``, ``weight_decay``, ``lr_scale``, ``name`` (and ``lr`` when given)."""
+    with ``params``, ``weight_decay``, ``lr_scale`` and ``name``."""
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
     for key, param in named:
         if not param.requires_grad:
             continue
-        exempt = not decay_1d and no_decay(param)
+        exempt = no_decay(param)
         scale = lr_scale(key) if lr_scale is not None else 1.0
-        label = name if lr_scale is None and decay_1d else f"{name + '_' if name else ''}lr_x{scale:.4g}_" + (
-            "no_decay" if exempt else "decay")
         group = groups.setdefault((scale, exempt), {
-            "params": [], "weight_decay": 0.0 if exempt else weight_decay, "lr_scale": scale, "name": label})
-        if lr is not None:
-            group["lr"] = lr * scale
+            "params": [], "weight_decay": 0.0 if exempt else weight_decay, "lr_scale": scale,
+            "name": f"lr_x{scale:.4g}_{'no_decay' if exempt else 'decay'}"})
         group["params"].append(param)
     return list(groups.values())
 
