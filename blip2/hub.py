@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from blip2.processors import CLIP_MEAN, CLIP_STD, PREPROCESSOR_FILE, processor_args
+from core.cli import first_line
 from core.weights import CheckpointError, check_keys, open_folder, read_json, wrong_shape
 
 LAYOUT = "Blip2ForConditionalGeneration"
@@ -72,8 +73,7 @@ def load_tokenizer(folder: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{folder}: cannot load the tokenizer ({first})") from None
+        raise CheckpointError(f"{folder}: cannot load the tokenizer ({first_line(err)})") from None
 
 
 def image_settings(folder: Path, default_size: int) -> dict[str, Any]:

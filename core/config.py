@@ -9,6 +9,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from omegaconf import OmegaConf
 
+from core.cli import first_line
+
 # The precision names the configs and scripts accept.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,6 +50,5 @@ def load_config(paths: Sequence[str | os.PathLike]) -> Any:
         try:
             configs.append(OmegaConf.load(p))
         except Exception as err:  # yaml's ScannerError / ParserError, OmegaConf's own errors
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{p}: not a readable YAML config ({first})") from None
+            raise ValueError(f"{p}: not a readable YAML config ({first_line(err)})") from None
     return OmegaConf.merge(*configs)
