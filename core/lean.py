@@ -12,6 +12,8 @@ tensors out of ``state_dict`` and say where they are, under ``base_weights``:
 2. Every reader of a checkpoint (resume, export, ``load_model``) completes it with ``restore_state``:
    the file at ``path`` must still hold the recorded ``sha256``; a moved or changed base is one
    ``CheckpointError`` line. A base may itself be a lean checkpoint (it is completed the same way).
+   A base that was moved is given by its new place (``base``: ``--base_weights`` of the scripts, the
+   ``--actual_resume`` file on resume); the content is what counts, so it must hold the same sha256.
 3. The hash of a file is computed once per process and cached by (path, size, mtime).
 """
 from __future__ import annotations
@@ -73,31 +75,42 @@ def make_lean(checkpoint: dict[str, Any], module: nn.Module, base: str | os.Path
     checkpoint[BASE_KEY] = base_reference(base, keys)
 
 
-def check_base(reference: Mapping[str, Any], source: str) -> Path:
-    """The base file of ``reference``, when it is there and unchanged; else one ``CheckpointError`` line."""
-    path = Path(reference["path"])
+def check_base(reference: Mapping[str, Any], source: str, base: str | os.PathLike | None = None) -> Path:
+    """The base file of ``reference`` (or ``base``, its new place), when it is there and holds the recorded
+    content; else one ``CheckpointError`` line."""
+    path = Path(reference["path"] if base is None else base)
     if not path.is_file():
+        if base is not None:
+            raise CheckpointError(f"{source}: the base weights given, {path}, are not there")
         raise CheckpointError(f"{source}: its base weights {path} are not there (moved or deleted?); the checkpoint "
-                              f"holds only the trained weights and needs that file (sha256 {reference['sha256']})")
+                              f"holds only the trained weights and needs that file (sha256 {reference['sha256']}): "
+                              "give its new place with --base_weights FILE (on resume: --actual_resume FILE)")
     found = file_sha256(path)
     if found != reference["sha256"]:
-        raise CheckpointError(f"{source}: its base weights {path} have changed (sha256 {found}, trained from "
+        what = "have changed" if base is None else "are not the file it was trained from"
+        raise CheckpointError(f"{source}: its base weights {path} {what} (sha256 {found}, trained from "
                               f"{reference['sha256']}): refused, the frozen weights would not be those it was trained with")
     return path
 
 
-def restore_state(checkpoint: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
-    """The complete weights of a read checkpoint: its own, and a lean one's left-out keys from its base."""
+def restore_state(checkpoint: Mapping[str, Any], source: str,
+                  base: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """The complete weights of a read checkpoint: its own, and a lean one's left-out keys from its base
+    (``base``: where that file is now, when it was moved; None: the recorded path)."""
     state = weights_of(checkpoint, source)
     reference = checkpoint.get(BASE_KEY)
     if reference is None:
+        if base is not None:
+            raise CheckpointError(f"{source}: --base_weights {base} given, but the checkpoint is complete "
+                                  "(it refers to no base file)")
         return state
-    path = check_base(reference, source)
+    path = check_base(reference, source, base)
     base = full_state_dict(path)
     raise_mismatch(str(path), f"the base weights of {source}", [k for k in reference["keys"] if k not in base], [])
     return {**{k: base[k] for k in reference["keys"]}, **state}
 
 
-def full_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``core.weights.load_state_dict`` of ``path``, completed by ``restore_state`` when it is lean."""
-    return restore_state(load_checkpoint(path), str(path))
+def full_state_dict(path: str | os.PathLike, base: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """``core.weights.load_state_dict`` of ``path``, completed by ``restore_state`` when it is lean
+    (``base``: the base file's new place)."""
+    return restore_state(load_checkpoint(path), str(path), base)

@@ -233,12 +233,26 @@ def set_learning_rate(model: pl.LightningModule, config: DictConfig, trainer: pl
         if scale_lr else " (base_learning_rate, not scaled)"))
 
 
+def relocate_base(model: Any, path: str) -> None:
+    """``--actual_resume`` with ``--resume``: the base file of the run's lean checkpoints, moved to ``path``
+    (a model with a base file defines ``set_base_weights``; the file's content is checked on load)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"--actual_resume {path}: checkpoint file not found")
+    set_base = getattr(model, "set_base_weights", None)
+    if set_base is None:
+        raise ValueError(f"--actual_resume {path} with --resume: {type(model).__name__} is not trained from a base "
+                         "file (its checkpoints are complete)")
+    set_base(path)
+
+
 def run(opt: argparse.Namespace, overrides: list[str]) -> int:
     resume_logdir, resume_ckpt = find_resume(opt.resume) if opt.resume else (None, None)
     config = run_config(opt, overrides, resume_logdir)
     check_inputs(config, opt.train, resuming=resume_logdir is not None)
     pl.seed_everything(config.lightning.seed, verbose=False)
     model = instantiate_from_config(config.model)  # a bad base checkpoint fails here, before the log dir exists
+    if resume_logdir is not None and opt.actual_resume:
+        relocate_base(model, opt.actual_resume)
     data = instantiate_from_config(config.data) if "data" in config else None
 
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")

@@ -89,14 +89,16 @@ def inference_state_dict(state: Mapping[str, Any], source: str, ema: bool | None
     return {k: _cast(k, v, dtype) for k, v in weights.items() if not k.startswith(EMA_PREFIX) and k != POSITION_IDS}
 
 
-def read_training_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
-    """(weights, facts for the metadata) of a Lightning checkpoint or an sd-v1 file."""
+def read_training_checkpoint(path: str | os.PathLike,
+                             base: str | os.PathLike | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """(weights, facts for the metadata) of a Lightning checkpoint or an sd-v1 file (``base``: a lean
+    checkpoint's base file, when it was moved from the recorded path)."""
     ckpt = load_checkpoint(path)
     facts = {"source": Path(path).name}
     for key in ("global_step", "epoch"):
         if isinstance(ckpt.get(key), int):
             facts[key] = str(ckpt[key])
-    return restore_state(ckpt, str(path)), facts
+    return restore_state(ckpt, str(path), base), facts
 
 
 def save_inference_checkpoint(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
@@ -111,10 +113,11 @@ def save_inference_checkpoint(state: Mapping[str, torch.Tensor], path: str | os.
 
 
 def export(src: str | os.PathLike, dst: str | os.PathLike, ema: bool | None = None,
-           dtype: str = "fp32") -> tuple[Path, dict[str, torch.Tensor]]:
-    """Read ``src``, write the slim checkpoint ``dst``; returns its path and weights."""
+           dtype: str = "fp32", base: str | os.PathLike | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Read ``src`` (a lean one completed from ``base`` or its recorded base file), write the slim
+    checkpoint ``dst``; returns its path and weights."""
     check_dtype(dtype)
-    weights, facts = read_training_checkpoint(src)
+    weights, facts = read_training_checkpoint(src, base)
     return export_weights(weights, str(src), dst, facts, ema, dtype)
 
 

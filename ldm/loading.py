@@ -13,16 +13,20 @@ from core.weights import CheckpointError
 from ldm.models.autoencoder import downsampling_factor
 
 
-def load_model(config: Any, ckpt: str | os.PathLike | None, device: torch.device | str = "cpu") -> Any:
+def load_model(config: Any, ckpt: str | os.PathLike | None, device: torch.device | str = "cpu",
+               base: str | os.PathLike | None = None) -> Any:
     """Build ``config.model`` and load ``ckpt`` strictly (a missing or ill-fitting file is a
-    ``CheckpointError`` naming it and the keys). ``ckpt`` None keeps the random weights."""
+    ``CheckpointError`` naming it and the keys). ``ckpt`` None keeps the random weights; ``base``:
+    where a lean checkpoint's base file is now, when it was moved (``core.lean``)."""
     if "model" not in config:
         raise KeyError("config has no 'model' section")
     if ckpt is not None and not Path(ckpt).is_file():
         raise CheckpointError(f"{ckpt}: checkpoint file not found")
+    if base is not None and ckpt is None:
+        raise ValueError(f"--base_weights {base}: given without a checkpoint to complete")
     model = instantiate_from_config(config.model)
     if ckpt is not None:
-        model.init_from_ckpt(str(ckpt))
+        model.init_from_ckpt(str(ckpt), base=None if base is None else str(base))
     return model.to(device).eval()
 
 

@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--diffusers", metavar="DIR", help="also write a diffusers-format folder here")
     p.add_argument("--config", default="configs/v1-inference.yaml",
                    help="the model's config (for --diffusers: sizes of the text encoder, schedule)")
+    p.add_argument("--base_weights", metavar="FILE",
+                   help="a lean training checkpoint's base file, when it was moved (its sha256 is checked)")
     return p.parse_args(argv)
 
 
@@ -35,7 +37,7 @@ def run(opt: argparse.Namespace) -> list[Path]:
     if opt.diffusers:
         check_new_folder(opt.diffusers)
         config = load_config([opt.config])
-    path, state = export(opt.ckpt, opt.out, ema=opt.ema, dtype=opt.dtype)
+    path, state = export(opt.ckpt, opt.out, ema=opt.ema, dtype=opt.dtype, base=opt.base_weights)
     written = [path]
     if opt.diffusers:
         written.append(save_diffusers(state, OmegaConf.to_container(config, resolve=True), opt.diffusers, opt.dtype))

@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peft", metavar="FILE", help="write the adapters here, diffusers / peft format (.safetensors)")
     p.add_argument("--merged", metavar="FILE", help="write a full sd-v1 file, adapters merged (.safetensors / .ckpt)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
+    p.add_argument("--base_weights", metavar="FILE",
+                   help="a lean training checkpoint's base file, when it was moved (its sha256 is checked)")
     return p.parse_args(argv)
 
 
@@ -45,7 +47,7 @@ def run(opt: argparse.Namespace) -> list[Path]:
     if not (opt.kohya or opt.peft or opt.merged):
         raise ValueError("nothing to write: pass --kohya, --peft and/or --merged")
     alpha, num_res_blocks = lora_facts(opt.config)
-    weights, facts = read_training_checkpoint(opt.ckpt)
+    weights, facts = read_training_checkpoint(opt.ckpt, opt.base_weights)
     if not has_adapters(weights):
         raise ValueError(f"{opt.ckpt}: no LoRA adapters (no *.lora_down.weight keys)")
     dtype = DTYPES[opt.dtype]

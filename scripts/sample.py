@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="configs/v1-inference.yaml")
     p.add_argument("--lora", metavar="FILE", help="merge this LoRA (kohya .safetensors) into the weights")
     p.add_argument("--lora_scale", type=float, default=1.0, help="strength of --lora (W + S * delta W)")
+    p.add_argument("--base_weights", metavar="FILE",
+                   help="a lean training checkpoint's base file, when it was moved (its sha256 is checked)")
     p.add_argument("--random_init", action="store_true", help="no checkpoint: random weights (a smoke test)")
     p.add_argument("--outdir", default="outputs/txt2img-samples")
     p.add_argument("--ddim_steps", type=int, default=50)
@@ -95,7 +97,7 @@ def run(opt: argparse.Namespace) -> list[Path]:
     check(opt, latent_factor(config))
     batches = read_prompts(opt)
     device = torch.device(opt.device)
-    model = load_model(config, None if opt.random_init else opt.ckpt, device)
+    model = load_model(config, None if opt.random_init else opt.ckpt, device, base=opt.base_weights)
     if opt.lora:
         merge_kohya(model, opt.lora, opt.lora_scale)
     sampler = "plms" if opt.plms else "ddim"

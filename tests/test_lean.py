@@ -19,6 +19,7 @@ from core.config import instantiate_from_config
 from core.weights import CheckpointError, load_checkpoint
 from ldm.export import export, export_weights
 from ldm.loading import load_model
+from scripts.export import main as export_main
 from tests.main_helpers import DREAMBOOTH_TINY, base_checkpoint
 from tests.test_dreambooth import CLASS, INSTANCE, part
 
@@ -128,6 +129,41 @@ def test_a_moved_or_changed_base_is_one_line(run, tmp_path):
     assert not list(tmp_path.glob("*.safetensors"))
 
 
+def test_a_moved_base_is_given_by_its_new_place(run, tmp_path):
+    """The recorded base is gone; export, load_model, the scripts and resume take its new place (same
+    content), and refuse a file of other content given there, in one line."""
+    moved_ckpt = tmp_path / "lean.ckpt"
+    ckpt = load_checkpoint(run["ckpt"])
+    torch.save({**ckpt, lean.BASE_KEY: {**ckpt[lean.BASE_KEY], "path": str(tmp_path / "was-here.ckpt")}}, moved_ckpt)
+    new_place = tmp_path / "elsewhere" / "base.ckpt"
+    new_place.parent.mkdir()
+    shutil.copyfile(run["base"], new_place)
+    with pytest.raises(CheckpointError, match="--base_weights FILE"):
+        export(moved_ckpt, tmp_path / "no.safetensors")
+    _, ours = export(moved_ckpt, tmp_path / "a.safetensors", base=new_place)
+    _, reference = export(run["ckpt"], tmp_path / "b.safetensors")
+    assert all(torch.equal(v, reference[k]) for k, v in ours.items()) and ours.keys() == reference.keys()
+    loaded = load_model(run["cfg"], moved_ckpt, base=new_place)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), run["model"].state_dict().values()))
+    assert export_main([str(moved_ckpt), str(tmp_path / "c.safetensors"), "--base_weights", str(new_place)]) == 0
+
+    _, fresh = dreambooth_from(None, train_text_encoder=run["text"], use_ema=True)
+    fresh.set_base_weights(str(new_place))  # what main.py -r LOGDIR --actual_resume NEW_PLACE does
+    trainer = fit(fresh, tmp_path, steps=3, ckpt_path=moved_ckpt)
+    assert trainer.global_step == 3 and fresh.base_path == str(new_place)
+    trainer.save_checkpoint(tmp_path / "resumed.ckpt")  # the run's next checkpoints refer to the new place
+    assert load_checkpoint(tmp_path / "resumed.ckpt")[lean.BASE_KEY]["path"] == str(new_place.resolve())
+
+    other = base_checkpoint(tmp_path / "other.ckpt", seed=2)
+    for read in (lambda: export(moved_ckpt, tmp_path / "d.safetensors", base=other),
+                 lambda: load_model(run["cfg"], moved_ckpt, base=other)):
+        with pytest.raises(CheckpointError, match="other.ckpt are not the file it was trained from") as err:
+            read()
+        assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match="is complete"):
+        export(run["base"], tmp_path / "e.safetensors", base=new_place)
+
+
 def test_the_hash_is_computed_once_per_file_version(tmp_path, monkeypatch):
     path = tmp_path / "w.bin"
     path.write_bytes(b"abc")
@@ -138,3 +174,14 @@ def test_the_hash_is_computed_once_per_file_version(tmp_path, monkeypatch):
     path.write_bytes(b"abd")
     os.utime(path, ns=(1, 1))
     assert lean.file_sha256(path) == hashlib.sha256(b"abd").hexdigest() and len(calls) == 2
+
+
+def test_main_relocates_the_base_of_a_resumed_run_or_says_why_not(run, tmp_path):
+    from core.trainer import relocate_base
+    _, model = dreambooth_from(None, train_text_encoder=run["text"])
+    relocate_base(model, str(run["base"]))
+    assert model.base_override == str(run["base"])
+    with pytest.raises(CheckpointError, match="--actual_resume .*nowhere.ckpt: checkpoint file not found"):
+        relocate_base(model, str(tmp_path / "nowhere.ckpt"))
+    with pytest.raises(ValueError, match="Linear is not trained from a base file"):
+        relocate_base(torch.nn.Linear(1, 1), str(run["base"]))

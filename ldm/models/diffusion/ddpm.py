@@ -83,6 +83,7 @@ class DDPM(pl.LightningModule):
         self.learning_rate = 1e-4
         self.base_path: str | None = None  # the file init_from_ckpt loaded: lean checkpoints refer to it
         self.base_ignore_keys: tuple[str, ...] = ()
+        self.base_override: str | None = None  # set_base_weights: where a resumed run's base file is now
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
 
@@ -92,11 +93,17 @@ class DDPM(pl.LightningModule):
         return cls(**compat.adapt("DDPM", params))
 
     # ---- weights -------------------------------------------------------------------------
-    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
-        """Load an sd-v1 style checkpoint (or a lean one of ours, completed from its base) with strict
-        key and shape checks (see ``load_sd_weights``); it becomes the base of lean checkpoints."""
-        load_sd_weights(self, full_state_dict(path), source=str(path), ignore_keys=ignore_keys)
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), base: str | None = None) -> None:
+        """Load an sd-v1 style checkpoint (or a lean one of ours, completed from its base, ``base`` when
+        that file was moved there) with strict key and shape checks (see ``load_sd_weights``); it
+        becomes the base of lean checkpoints."""
+        load_sd_weights(self, full_state_dict(path, base), source=str(path), ignore_keys=ignore_keys)
         self.base_path, self.base_ignore_keys = str(path), tuple(ignore_keys)
+
+    def set_base_weights(self, path: str) -> None:
+        """A resumed lean checkpoint's base file is at ``path`` now (``core.trainer``: ``--actual_resume``
+        with ``--resume``); it must hold the content the checkpoint records."""
+        self.base_override = str(path)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lean: the frozen parameters loaded from the base file are left out (``core.lean``)."""
@@ -108,9 +115,9 @@ class DDPM(pl.LightningModule):
         this run's checkpoints then refer to the same base."""
         if BASE_KEY in checkpoint:
             source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
-            checkpoint["state_dict"] = restore_state(checkpoint, str(source))
+            checkpoint["state_dict"] = restore_state(checkpoint, str(source), self.base_override)
             left_out = set(checkpoint[BASE_KEY]["keys"])
-            self.base_path = checkpoint[BASE_KEY]["path"]
+            self.base_path = self.base_override or checkpoint[BASE_KEY]["path"]
             self.base_ignore_keys = tuple(k for k in frozen_keys(self) if k not in left_out)
 
     @contextlib.contextmanager
