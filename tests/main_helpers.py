@@ -72,14 +72,16 @@ def read_scalars(run: Path, tag: str) -> dict[int, float]:
 
 
 class KillAtStep(pl.Callback):
-    """Sends ``signum`` (default SIGKILL) to its own process at the end of optimizer step ``step``."""
+    """Sends ``signum`` (default SIGKILL) ``times`` times to its own process at the end of optimizer step
+    ``step`` (before the checkpoint callback's hook and the LightningModule's EMA update)."""
 
-    def __init__(self, step: int, signum: str = "SIGKILL"):
-        self.step, self.signum = step, getattr(signal, signum)
+    def __init__(self, step: int, signum: str = "SIGKILL", times: int = 1):
+        self.step, self.signum, self.times = step, getattr(signal, signum), times
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
 
 
 class RaiseAtStep(pl.Callback):

@@ -25,15 +25,18 @@ SETTINGS = [f"lightning.trainer.max_steps={STEPS}", "lightning.checkpoint.every_
 TAGS = ("train/loss", "train/loss_instance", "train/loss_class", "lr-AdamW/unet")
 
 
-def kill_at(step: int, signum: str) -> list[str]:
+def kill_at(step: int, signum: str, times: int = 1) -> list[str]:
     return ["lightning.callbacks.kill.target=tests.main_helpers.KillAtStep",
-            f"lightning.callbacks.kill.params.step={step}", f"lightning.callbacks.kill.params.signum={signum}"]
+            f"lightning.callbacks.kill.params.step={step}", f"lightning.callbacks.kill.params.signum={signum}",
+            f"lightning.callbacks.kill.params.times={times}"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A: uninterrupted. B: SIGTERM after step 2 (mid-epoch; last.ckpt at 2), resumed and SIGKILLed
-    after step 5 (last periodic checkpoint: step 3, an epoch's end), resumed to the end."""
+    """A: uninterrupted. B: SIGTERM after step 1 (mid-epoch; last.ckpt at 1); resumed, Ctrl-C after step 2
+    (last.ckpt at 2); resumed, SIGKILLed after step 4 (last periodic checkpoint: step 3, an epoch's end);
+    resumed, Ctrl-C twice right after the optimizer step of step 5 (a half-way state: nothing saved,
+    last.ckpt stays at 3); resumed to the end."""
     tmp = tmp_path_factory.mktemp("resume")
     inst, base = make_images(tmp / "instance", 3), base_checkpoint(tmp / "base.ckpt")
 
@@ -42,25 +45,33 @@ def runs(tmp_path_factory):
                 "--reg_data_root", str(tmp / f"reg_{name}"), "--class_word", "dog", "-l", str(tmp / name),
                 *SETTINGS]
 
-    a, b1 = start_main(args("A"), tmp), start_main(args("B") + kill_at(2, "SIGTERM"), tmp)
+    a, b1 = start_main(args("A"), tmp), start_main(args("B") + kill_at(1, "SIGTERM"), tmp)
     out = {"A": a.communicate(timeout=300), "B1": b1.communicate(timeout=300)}
     out["codes"] = [a.returncode, b1.returncode]
     run_a, run_b = run_dirs(tmp / "A")[0], run_dirs(tmp / "B")[0]
-    out["last_after_sigterm"] = load_checkpoint(run_b / "checkpoints" / "last.ckpt")["global_step"]
-    b2 = run_main(["-r", str(run_b), "-t", *kill_at(5, "SIGKILL")], tmp)
-    out["last_after_sigkill"] = load_checkpoint(run_b / "checkpoints" / "last.ckpt")["global_step"]
-    b3 = run_main(["-r", str(run_b), "-t", "lightning.callbacks.kill=null"], tmp)
-    out["codes"] += [b2.returncode, b3.returncode]
-    out["logs"] = [out["A"][1][-3000:], out["B1"][1][-3000:], b2.stderr[-3000:], b3.stderr[-3000:]]
+    last = lambda: load_checkpoint(run_b / "checkpoints" / "last.ckpt")["global_step"]  # noqa: E731
+    out["last"] = [last()]
+    logs = [out["A"][1], out["B1"][1]]
+    for kill in (kill_at(2, "SIGINT"), kill_at(4, "SIGKILL"), kill_at(5, "SIGINT", times=2),
+                 ["lightning.callbacks.kill=null"]):
+        done = run_main(["-r", str(run_b), "-t", *kill], tmp)
+        out["codes"].append(done.returncode)
+        out["last"].append(last())
+        logs.append(done.stderr)
+    out["logs"], out["stderr"] = [log[-3000:] for log in logs], logs
     out["A_dir"], out["B_dir"] = run_a, run_b
     return out
 
 
 def test_runs_stop_and_resume_as_asked(runs):
-    assert runs["codes"] == [0, 0, -signal.SIGKILL, 0], runs["logs"]
-    assert "Stop signal received" in runs["B1"][1]
-    assert runs["last_after_sigterm"] == 2  # saved at the batch boundary after the signal, clean exit
-    assert runs["last_after_sigkill"] == 3  # the periodic checkpoint before the kill
+    assert runs["codes"] == [0, 0, 0, -signal.SIGKILL, 1, 0], runs["logs"]
+    # SIGTERM, Ctrl-C: saved at the step boundary after the signal, clean exit; SIGKILL: the periodic
+    # checkpoint before it; Ctrl-C twice inside the step: not saved, the last checkpoint stays
+    assert runs["last"] == [1, 2, 3, 3, 6]
+    assert "Stop signal received: saving" in runs["stderr"][1] and "at step 1" in runs["stderr"][1]
+    assert "Stop signal received: saving" in runs["stderr"][2] and "at step 2" in runs["stderr"][2]
+    assert "KeyboardInterrupt during the optimizer step" in runs["stderr"][4]
+    assert "the state is half-way, not saved" in runs["stderr"][4] and "last.ckpt is step 3" in runs["stderr"][4]
 
 
 def test_losses_and_learning_rates_equal_the_uninterrupted_run(runs):

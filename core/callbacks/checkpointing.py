@@ -14,9 +14,14 @@ the uninterrupted run's losses and weights bit for bit. How:
 2. A resumed run restores the RNG states at the same point, its first ``on_train_batch_start``.
 3. Files are written atomically (``AtomicCheckpointIO``); ``last.ckpt`` is a hard link to the newest
    step file (a copy where links are not possible), replaced in one rename.
-4. SIGTERM and SIGUSR1 set a flag; at the next batch boundary every rank agrees to stop, the state
-   is saved and training ends cleanly. An exception saves ``last.ckpt`` too (best effort: exact
-   when it struck before the optimizer step, as a crash in the forward pass does).
+4. SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) set a flag; at the next optimizer-step boundary every rank
+   agrees to stop, the state is saved and training ends cleanly. A second Ctrl-C interrupts at once
+   (``KeyboardInterrupt``), as an exception does.
+5. An exception saves ``last.ckpt`` only when the state is that of a step boundary: when it struck
+   in data loading, the forward or the backward pass (the weights, optimizer and EMA are still those
+   of the last finished step). From the optimizer step of a batch until the next batch starts (the
+   optimizer's per-parameter updates, the EMA update, validation) the state is half-way, and nothing
+   is written: the last checkpoint stays the newest, and one line says which it is.
 """
 from __future__ import annotations
 
@@ -35,11 +40,11 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from core.weights import load_checkpoint, save_checkpoint
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 STEP_FILE = "step-{:06d}.ckpt"
 LAST_FILE = "last.ckpt"
 
@@ -128,8 +133,9 @@ class ResumableCheckpoint(Checkpoint):
                              "expected positive integers")
         self.dirpath = Path(dirpath)
         self.every_n_steps, self.keep_last = every_n_steps, keep_last
-        self._loops: dict[str, Any] | None = None  # loop counters at the end of the last finished batch
-        self._rng_at_batch_start: dict[str, Any] | None = None  # set while a batch is in progress
+        self._loops: dict[str, Any] | None = None  # loop counters at the end of the last finished step
+        self._rng_at_boundary: dict[str, Any] | None = None  # as the first batch after that step started
+        self._consistent = True  # False from an optimizer step until the next batch starts
         self._rng_ranks: list[dict[str, Any]] = []  # what the checkpoint being written stores
         self._rng_to_restore: list[dict[str, Any]] | None = None
         self._save_due = self._writing = False
@@ -139,11 +145,16 @@ class ResumableCheckpoint(Checkpoint):
 
     # ---- signals ----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self._signal == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now (saved only at a consistent point, see on_exception)
         self._signal = signum
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Install the stop handlers (after Lightning installed its own, which they replace)."""
         self._last_step = trainer.global_step
+        self._consistent, self._at_boundary = True, True
+        if trainer.ckpt_path and self._saved_step < 0:  # resumed: that checkpoint is the newest saved state
+            self._saved_step = trainer.global_step
         if threading.current_thread() is threading.main_thread():
             self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
 
@@ -164,17 +175,25 @@ class ResumableCheckpoint(Checkpoint):
             self._restore_rng(trainer)
         if self._save_due:
             self._save(trainer)
-        self._rng_at_batch_start = rng_state()
+        if self._at_boundary:  # the first batch after a step (or of the run): the state is that step's
+            self._rng_at_boundary, self._at_boundary = rng_state(), False
+        self._consistent = True
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._consistent = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        self._loops, self._rng_at_batch_start = loop_state(trainer), None
         stepped = trainer.global_step != self._last_step  # False while accumulating gradients
         self._last_step = trainer.global_step
-        if stepped and self._stop_requested(trainer):
-            rank_zero_info(f"Stop signal received: saving {self.dirpath / LAST_FILE} and stopping.")
+        if not stepped:
+            return
+        self._loops, self._at_boundary = loop_state(trainer), True
+        if self._stop_requested(trainer):
+            rank_zero_info(f"Stop signal received: saving {self.dirpath / LAST_FILE} at step {trainer.global_step} "
+                           "and stopping.")
             trainer.should_stop = True
-        self._save_due = stepped and trainer.global_step % self.every_n_steps == 0
+        self._save_due = trainer.global_step % self.every_n_steps == 0
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._loops is not None:
@@ -182,12 +201,18 @@ class ResumableCheckpoint(Checkpoint):
         self._restore_handlers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Save ``last.ckpt`` from this process alone (other ranks may be stuck in a collective)."""
+        """Save ``last.ckpt`` from this process alone (other ranks may be stuck in a collective), when the
+        state is that of a step boundary (module notes, 5)."""
         self._restore_handlers()
         if self._loops is None:
             return  # no training step finished in this run: nothing new to save
-        rng = self._rng_at_batch_start or rng_state()  # as the failed batch started, or as it stands
-        self._rng_ranks = [rng] if trainer.world_size == 1 else []
+        if not self._consistent:
+            kept = f"{self.dirpath / LAST_FILE} is step {self._saved_step}" if self._saved_step >= 0 else \
+                f"the newest checkpoint in {self.dirpath} (if any) is from before this run"
+            rank_zero_info(f"{type(exception).__name__} during the optimizer step or the updates after it "
+                           f"(step {trainer.global_step}): the state is half-way, not saved; {kept}")
+            return
+        self._rng_ranks = [self._rng_at_boundary or rng_state()] if trainer.world_size == 1 else []
         if trainer.is_global_zero:
             self._writing = True
             try:
@@ -195,7 +220,7 @@ class ResumableCheckpoint(Checkpoint):
                 trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.dirpath / LAST_FILE)
             finally:
                 self._writing = False
-            rank_zero_warn(f"{type(exception).__name__} during training: saved {self.dirpath / LAST_FILE} "
+            rank_zero_info(f"{type(exception).__name__} during training: saved {self.dirpath / LAST_FILE} "
                            f"at step {trainer.global_step}")
 
     # ---- writing ------------------------------------------------------------------------------
