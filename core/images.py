@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -154,5 +155,11 @@ def save_png(image: np.ndarray, path: str | os.PathLike, info: Mapping[str, Any]
 
 
 def next_index(folder: str | os.PathLike, pattern: str = "*.png") -> int:
-    """The first free index in a folder of numbered outputs (CompVis ``base_count``)."""
-    return len(list(Path(folder).glob(pattern)))
+    """The index after the highest of a folder's numbered outputs (``pattern``: its ``*`` stands for the
+    number), so that no file is overwritten when some are missing (CompVis counted the files)."""
+    head, star, tail = pattern.partition("*")
+    if not star:
+        raise ValueError(f"next_index: pattern {pattern!r} has no '*' for the number")
+    numbered = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+    found = [int(m.group(1)) for p in Path(folder).glob(pattern) if (m := numbered.fullmatch(p.name))]
+    return max(found, default=-1) + 1

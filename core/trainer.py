@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import inspect
 import os
 import warnings
@@ -161,6 +162,20 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+def new_run_folder(parent: Path, name: str) -> Path:
+    """``parent/name``, or ``name_1``, ``name_2`` ...: the first that this process creates itself (one
+    ``mkdir`` each, so two runs started in the same second never share a folder)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for suffix in itertools.count():
+        folder = parent / (f"{name}_{suffix}" if suffix else name)
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
 def make_logdir(opt: argparse.Namespace, resume_logdir: Path | None, now: str) -> Path:
     """``<logdir>/<now>_<name>``, or the resumed run's; DDP's extra processes reuse rank 0's."""
     if not is_rank_zero() and os.environ.get(RUN_LOGDIR_ENV):
@@ -169,10 +184,7 @@ def make_logdir(opt: argparse.Namespace, resume_logdir: Path | None, now: str) -
         logdir = resume_logdir
     else:
         name = opt.name or (Path(opt.base[-1]).stem if opt.base else "run")
-        logdir = Path(opt.logdir) / f"{now}_{name}"
-        suffix = 1
-        while logdir.exists():
-            logdir, suffix = Path(opt.logdir) / f"{now}_{name}_{suffix}", suffix + 1
+        logdir = new_run_folder(Path(opt.logdir), f"{now}_{name}")
     for sub in ("checkpoints", "configs", "images"):
         (logdir / sub).mkdir(parents=True, exist_ok=True)
     os.environ[RUN_LOGDIR_ENV] = str(logdir)

@@ -138,6 +138,27 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike, metadata: M
     return path
 
 
+def check_output(path: str | os.PathLike, flag: str, overwrite: bool = False,
+                 inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """An output file a script is about to write, checked before any work: never one of its ``inputs``,
+    not an existing file unless ``overwrite``, in a folder that exists and is writable (one line
+    naming ``flag`` and the path otherwise)."""
+    path = Path(path)
+    for source in inputs:
+        if Path(source).exists() and path.exists() and os.path.samefile(source, path):
+            raise ValueError(f"{flag} {path}: is the input file {source}; write the output elsewhere")
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder, expected a file name")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{flag} {path}: the file exists (pass --overwrite to replace it)")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
+    return path
+
+
 def open_safetensors(path: str | os.PathLike) -> Any:
     """A ``safe_open`` handle of a ``.safetensors`` file (tensors are read on ``get_tensor``)."""
     from safetensors import SafetensorError, safe_open

@@ -210,10 +210,13 @@ def diffusers_pipeline(state: Mapping[str, torch.Tensor], config: Mapping[str, A
 
 
 def check_new_folder(folder: str | os.PathLike) -> Path:
-    """A folder to create: absent or empty."""
+    """A folder to create: absent or empty, in a folder that exists and is writable."""
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ValueError(f"{folder}: the diffusers folder exists and is not empty")
+    parent = folder.absolute().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder}: cannot create the diffusers folder there ({parent} is not a writable folder)")
     return folder
 
 

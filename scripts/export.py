@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from core.cli import run_cli
 from core.config import DTYPES, load_config
+from core.weights import check_output
 from ldm.export import check_new_folder, export, save_diffusers
 
 
@@ -27,12 +28,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--diffusers", metavar="DIR", help="also write a diffusers-format folder here")
     p.add_argument("--config", default="configs/v1-inference.yaml",
                    help="the model's config (for --diffusers: sizes of the text encoder, schedule)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists (never the input)")
     p.add_argument("--base_weights", metavar="FILE",
                    help="a lean training checkpoint's base file, when it was moved (its sha256 is checked)")
     return p.parse_args(argv)
 
 
 def run(opt: argparse.Namespace) -> list[Path]:
+    check_output(opt.out, "out", opt.overwrite, inputs=[opt.ckpt] + ([opt.base_weights] if opt.base_weights else []))
     config = None
     if opt.diffusers:
         check_new_folder(opt.diffusers)

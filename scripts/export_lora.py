@@ -16,6 +16,7 @@ from pathlib import Path
 
 from core.cli import run_cli
 from core.config import DTYPES, load_config
+from core.weights import check_output
 from ldm.export import export_weights, read_training_checkpoint
 from ldm.lora_export import has_adapters, merged_state_dict, peft_state_dict, save_kohya, save_lora
 from ldm.modules.lora import LoRAConfig
@@ -29,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peft", metavar="FILE", help="write the adapters here, diffusers / peft format (.safetensors)")
     p.add_argument("--merged", metavar="FILE", help="write a full sd-v1 file, adapters merged (.safetensors / .ckpt)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
+    p.add_argument("--overwrite", action="store_true", help="replace the output files that exist (never the input)")
     p.add_argument("--base_weights", metavar="FILE",
                    help="a lean training checkpoint's base file, when it was moved (its sha256 is checked)")
     return p.parse_args(argv)
@@ -46,6 +48,12 @@ def lora_facts(config_path: str) -> tuple[float, int]:
 def run(opt: argparse.Namespace) -> list[Path]:
     if not (opt.kohya or opt.peft or opt.merged):
         raise ValueError("nothing to write: pass --kohya, --peft and/or --merged")
+    inputs = [opt.ckpt] + ([opt.base_weights] if opt.base_weights else [])
+    outputs = {flag: getattr(opt, flag) for flag in ("kohya", "peft", "merged") if getattr(opt, flag)}
+    for flag, out in outputs.items():
+        check_output(out, f"--{flag}", opt.overwrite, inputs)
+    if len({str(Path(out).absolute()) for out in outputs.values()}) < len(outputs):
+        raise ValueError(f"{', '.join(f'--{f}' for f in outputs)}: two outputs name the same file")
     alpha, num_res_blocks = lora_facts(opt.config)
     weights, facts = read_training_checkpoint(opt.ckpt, opt.base_weights)
     if not has_adapters(weights):

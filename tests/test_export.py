@@ -1,6 +1,7 @@
 """scripts/export.py: slim sd-v1 inference files from a Lightning training checkpoint, loaded by our
 sample.py, by diffusers' single-file converters and as a diffusers folder."""
 import importlib.util
+import os
 import subprocess
 import sys
 import warnings
@@ -172,6 +173,35 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
         assert export(*args, "--config", TINY_DB) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_export_never_overwrites_its_input_or_an_existing_file(trained, tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(trained[0].read_bytes())
+    before = ckpt.read_bytes()
+    existing = tmp_path / "dog.safetensors"
+    existing.write_bytes(b"an earlier export")
+    cases = [((ckpt, ckpt), "is the input file"), ((ckpt, tmp_path / "." / "last.ckpt"), "is the input file"),
+             ((ckpt, existing), "dog.safetensors: the file exists (pass --overwrite to replace it)"),
+             ((ckpt, tmp_path / "missing" / "a.safetensors"), "does not exist"),
+             ((ckpt, tmp_path), "is a folder, expected a file name"),
+             ((ckpt, ckpt, "--overwrite"), "is the input file")]
+    for args, message in cases:
+        assert export(*args) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert ckpt.read_bytes() == before and existing.read_bytes() == b"an earlier export"
+    assert not (tmp_path / "missing").exists()
+    # an unwritable folder (the tests run as root, for whom every folder is writable: os.access says no here)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "ro") else real_access(p, mode))
+    (tmp_path / "ro").mkdir()
+    assert export(ckpt, tmp_path / "ro" / "a.safetensors") == 2
+    assert "the folder" in capsys.readouterr().err and not list((tmp_path / "ro").iterdir())
+    assert export(ckpt, tmp_path / "x.safetensors", "--diffusers", tmp_path / "ro" / "d", "--config", TINY_DB) == 2
+    assert "not a writable folder" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert export(ckpt, existing, "--overwrite") == 0 and existing.read_bytes() != b"an earlier export"
 
 
 def test_diffusers_folder_decodes_a_scale_by_std_model_like_ours(tmp_path):

@@ -121,3 +121,14 @@ def test_listing_is_sorted_recursive_and_skips_hidden(tmp_path):
     assert is_image_file("x.JPEG") and not is_image_file("x.txt") and not is_image_file("jpg")
     with pytest.raises(ValueError, match="image folder not found"):
         list_images(tmp_path / "nope")
+
+
+def test_next_index_follows_the_highest_number_so_a_gap_is_never_overwritten(tmp_path):
+    from core.images import next_index
+    assert next_index(tmp_path) == 0
+    for name in ("00000.png", "00002.png", "notes.png", "00007.jpg", "grid-0003.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert next_index(tmp_path) == 3  # CompVis counted 4 files and overwrote 00002.png... at 3 files, now at 4
+    assert next_index(tmp_path, "grid-*.png") == 4
+    with pytest.raises(ValueError, match="no '\\*'"):
+        next_index(tmp_path, "grid.png")

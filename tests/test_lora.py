@@ -305,3 +305,19 @@ def test_export_lora_needs_only_the_adapters_in_the_checkpoint(run, tmp_path):
                              "--kohya", str(out)]) == 0
     ours, full = load_state_dict(out), load_state_dict(run.kohya)
     assert ours.keys() == full.keys() and all(torch.equal(ours[k], full[k]) for k in full)
+
+
+def test_export_lora_never_overwrites_the_input_or_an_existing_file(run, tmp_path, capsys):
+    ckpt, config = run.folder / "last.ckpt", str(run.folder / "project.yaml")
+    before = ckpt.read_bytes()
+    kohya = run.kohya.read_bytes()
+    cases = [(["--merged", str(ckpt)], "is the input file"),
+             (["--kohya", str(run.kohya)], "the file exists (pass --overwrite to replace it)"),
+             (["--kohya", str(tmp_path / "a.safetensors"), "--peft", str(tmp_path / "a.safetensors")],
+              "two outputs name the same file"),
+             (["--peft", str(tmp_path / "no" / "p.safetensors")], "does not exist")]
+    for args, message in cases:
+        assert export_lora.main([str(ckpt), "--config", config, *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert ckpt.read_bytes() == before and run.kohya.read_bytes() == kohya and not list(tmp_path.iterdir())

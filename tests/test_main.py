@@ -170,3 +170,22 @@ def test_overrides_may_follow_the_base_configs(capsys):
     assert opt.base == [str(DREAMBOOTH_TINY)] and opt.train and overrides == ["a.b=1", "c.d=[1, 2]"]
     assert "unrecognized argument 'stray'" in one_line_error(capsys, ["--base", str(DREAMBOOTH_TINY), "-t", "stray"])
     assert "cannot be combined" in one_line_error(capsys, ["-r", "x", "-n", "y"])
+
+
+def test_runs_started_in_the_same_instant_get_their_own_folders(tmp_path):
+    """Each folder is one mkdir of its own (the exists-then-mkdir race gave two runs one folder)."""
+    import threading
+    from core.trainer import new_run_folder
+    start, made = threading.Barrier(8), []
+
+    def make():
+        start.wait()
+        made.append(new_run_folder(tmp_path / "logs", "2026-12-01T10-00-00_dog"))
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    names = sorted(p.name for p in made)
+    assert names == sorted(["2026-12-01T10-00-00_dog"] + [f"2026-12-01T10-00-00_dog_{i}" for i in range(1, 8)])
