@@ -89,7 +89,8 @@ def identity(opt: argparse.Namespace, task: Task) -> tuple[dict, dict]:
             "prompt": task.prompt, "generation": dict(task.generation), "dtype": opt.dtype,
             "image_size": opt.image_size}
     where = {"model": [str(Path(p).resolve()) for p in model_files],
-             "annotations": [str(Path(p).resolve()) for p in annotation_files], "images": str(Path(opt.images).resolve())}
+             "annotations": [str(Path(p).resolve()) for p in annotation_files],
+             "images": str(Path(opt.images).resolve())}
     return same, where
 
 

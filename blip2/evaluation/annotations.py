@@ -67,6 +67,22 @@ def listed(obj: Any, key: str, source: Path) -> list:
     return value
 
 
+def name_field(record: Any, key: str, source: Path, where: str) -> str:
+    """A file name or id that names an image: a non-empty string."""
+    value = field(record, key, source, where)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{source}: {where}: expected {key!r} to be a non-empty string, got {value!r}")
+    return value
+
+
+def int_field(record: Any, key: str, source: Path, where: str) -> int:
+    """A COCO id: an integer."""
+    value = field(record, key, source, where)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{source}: {where}: expected {key!r} to be an integer, got {value!r}")
+    return value
+
+
 def texts(value: Any, source: Path, where: str) -> tuple[str, ...]:
     """A caption or answer string, or a non-empty list of them."""
     values = value if isinstance(value, list) else [value]
@@ -99,7 +115,7 @@ def unique(items: list[Item], source: Path) -> list[Item]:
 def lavis_caption_items(records: list, source: Path, images: Path) -> list[Item]:
     items = []
     for i, rec in enumerate(records):
-        image = field(rec, "image", source, f"entry {i}")
+        image = name_field(rec, "image", source, f"entry {i}")
         refs = texts(field(rec, "caption", source, f"entry {i}"), source, f"entry {i}: 'caption'")
         items.append(Item(id_from_name(image), images / image, refs))
     return items
@@ -117,9 +133,9 @@ def coco_caption_items(obj: Any, source: Path, images: Path, domains: bool = Fal
         where = f"images[{i}]"
         image_id = field(img, "id", source, where)
         if domains or "file_name" in img:
-            path = images / field(img, "file_name", source, where)
+            path = images / name_field(img, "file_name", source, where)
         else:
-            path = coco_image(images, COCO_SUBTYPE, image_id)
+            path = coco_image(images, COCO_SUBTYPE, int_field(img, "id", source, where))
         if image_id not in refs:
             raise ValueError(f"{source}: {where}: image id {image_id!r} has no caption in 'annotations'")
         group = str(field(img, "domain", source, where)) if domains else ""
@@ -137,8 +153,9 @@ def read_captions(path: str | os.PathLike, images: str | os.PathLike, domains: b
         return unique(lavis_caption_items(obj, source, images), source)
     if isinstance(obj, dict):
         return unique(coco_caption_items(obj, source, images, domains), source)
-    expected = "the COCO captions format with 'domain'" if domains else "a list of {'image', 'caption'} or the COCO captions format"
-    raise ValueError(f"{source}: expected {expected}")
+    if domains:
+        raise ValueError(f"{source}: expected the COCO captions format with a 'domain' for each image")
+    raise ValueError(f"{source}: expected a list of {{'image', 'caption'}} or the COCO captions format")
 
 
 # ---- VQA ----------------------------------------------------------------------------------------
@@ -156,12 +173,13 @@ def read_vqa(questions: str | os.PathLike, annotations: str | os.PathLike, image
     truth = {}
     for i, ann in enumerate(listed(a_obj, "annotations", a_source)):
         where = f"annotations[{i}]"
-        truth[field(ann, "question_id", a_source, where)] = (_answers(ann, a_source, where), str(ann.get("answer_type", "")))
+        qid = field(ann, "question_id", a_source, where)
+        truth[qid] = (_answers(ann, a_source, where), str(ann.get("answer_type", "")))
     subtype = str(q_obj.get("data_subtype", COCO_SUBTYPE)) if isinstance(q_obj, dict) else COCO_SUBTYPE
     items = []
     for i, q in enumerate(listed(q_obj, "questions", q_source)):
         where = f"questions[{i}]"
-        qid, image_id = field(q, "question_id", q_source, where), field(q, "image_id", q_source, where)
+        qid, image_id = field(q, "question_id", q_source, where), int_field(q, "image_id", q_source, where)
         if qid not in truth:
             raise ValueError(f"{a_source}: no annotation for question_id {qid!r} ({q_source}: {where})")
         answers, answer_type = truth[qid]
@@ -178,13 +196,14 @@ def read_gqa(path: str | os.PathLike, images: str | os.PathLike) -> list[Item]:
     if isinstance(obj, dict):
         for qid, q in obj.items():
             where = f"question {qid!r}"
-            image = images / f"{field(q, 'imageId', source, where)}.jpg"
+            image = images / f"{name_field(q, 'imageId', source, where)}.jpg"
             items.append(Item(str(qid), image, (str(field(q, "answer", source, where)),),
                               str(field(q, "question", source, where))))
     elif isinstance(obj, list):
         for i, q in enumerate(obj):
             where = f"entry {i}"
-            items.append(Item(str(field(q, "question_id", source, where)), images / field(q, "image", source, where),
+            image = images / name_field(q, "image", source, where)
+            items.append(Item(str(field(q, "question_id", source, where)), image,
                               (str(field(q, "answer", source, where)),), str(field(q, "question", source, where))))
     else:
         raise ValueError(f"{source}: expected GQA's object of questions or LAVIS's list")

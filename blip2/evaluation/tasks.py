@@ -2,11 +2,12 @@
 prompts and decodes (LAVIS's settings: ``lavis/projects/blip2/eval/*.yaml``), what result file it
 writes and how that is scored. Scores are in percent, as the paper's tables give them.
 
-| task   | model used in the paper | prompt                       | decoding (new tokens)                  | score |
-| coco   | COCO fine-tuned         | "a photo of"                 | beams 5, max 30, min 8                 | BLEU-4, CIDEr |
-| nocaps | COCO fine-tuned         | "a photo of"                 | beams 5, max 30, min 8                 | CIDEr overall, in / near / out of domain |
-| vqav2, okvqa | pre-trained (zero-shot) | "Question: {} Short answer:" | beams 5, length penalty -1, max 10, min 1 | VQA accuracy (10 human answers) |
-| gqa    | pre-trained (zero-shot) | "Question: {} Short answer:" | as VQA                                 | exact match |
+- coco: the COCO fine-tuned model, "a photo of", beam 5, 8 to 30 new tokens; BLEU-4 and CIDEr.
+- nocaps: as coco (the paper applies the COCO model zero-shot); CIDEr overall and in, near and
+  out of domain.
+- vqav2, okvqa: the pre-trained model zero-shot, "Question: {} Short answer:", beam 5, length
+  penalty -1, 1 to 10 new tokens; VQA accuracy against the 10 human answers.
+- gqa: as VQA; exact match.
 
 METEOR and SPICE, which coco-caption also reports, run in Java and are left out. VQA questions are
 cleaned as LAVIS's ``BlipQuestionProcessor`` before they go into the template.
