@@ -67,6 +67,10 @@ def configure(opt: argparse.Namespace) -> Task:
     task = TASKS[opt.task]
     if opt.config and not opt.ckpt:
         raise ValueError("--config needs --ckpt (the weights to load into the model it builds)")
+    for flag, path, is_there in (("--model", opt.model, Path.is_dir), ("--ckpt", opt.ckpt, Path.is_file),
+                                 ("--config", opt.config, Path.is_file), ("--tokenizer", opt.tokenizer, Path.is_dir)):
+        if path is not None and not is_there(Path(path)):
+            raise ValueError(f"{path}: not found ({flag})")
     if opt.batch_size < 1 or (opt.limit is not None and opt.limit < 1):
         raise ValueError("--batch_size and --limit must be >= 1")
     if task.kind == "caption" and opt.template is not None:
