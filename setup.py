@@ -19,6 +19,7 @@ setup(
         "db2-retrieve = scripts.retrieve:main",
         "db2-export-blip2 = blip2.export:main",
         "db2-evaluate-toy = toy.evaluate:main",
+        "db2-evaluate-blip2 = scripts.evaluate_blip2:main",
     ]},
     install_requires=[
         "torch>=2.1",

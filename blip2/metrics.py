@@ -18,6 +18,14 @@ VQA (Antol et al. 2015, the official ``vqaEval.py``): an answer's accuracy is
 min(#humans who gave it / 3, 1) averaged over the 10 subsets of 9 of the 10 human answers, after
 the official normalisation (punctuation, number words -> digits, articles dropped, contractions
 restored), which the official script applies only when the human answers are not all identical.
+``lavis_vqa_accuracy`` is the variant of LAVIS's ``VQAEval`` (and BLIP's), which BLIP-2's VQAv2 and
+OK-VQA numbers come from: the prediction is always normalised, the human answers only have their
+punctuation processed, and only when they differ. GQA (LAVIS's ``GQATask``): exact match of the
+normalised prediction and the normalised answer.
+
+Split scores (``domain_scores``, NoCaps' in-, near- and out-of-domain CIDEr): each subset is scored
+on its own, as coco-caption scores the images it is given, so CIDEr's document frequencies come from
+that subset's references.
 """
 from __future__ import annotations
 
@@ -218,3 +226,28 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
         gts, pred = [normalize_answer(a) for a in gts], normalize_answer(pred)
     hits = [g.lower() == pred.lower() for g in gts]
     return sum(min(1.0, (sum(hits) - hit) / 3) for hit in hits) / len(gts)
+
+
+def lavis_vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy in [0, 1] as LAVIS's ``VQAEval`` computes it (see the module notes)."""
+    if not answers:
+        raise ValueError("lavis_vqa_accuracy: expected at least one human answer")
+    pred = normalize_answer(prediction.replace("\n", " ").replace("\t", " ").strip())
+    gts = [normalize_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
+    hits = [g == pred for g in gts]
+    return sum(min(1.0, (sum(hits) - hit) / 3) for hit in hits) / len(gts)
+
+
+def gqa_accuracy(prediction: str, answer: str) -> float:
+    """1.0 when the normalised prediction equals the normalised answer (LAVIS's GQA task), else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(answer))
+
+
+def domain_scores(captions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
+                  domains: Mapping[Hashable, str]) -> dict[str, dict[str, float]]:
+    """``caption_scores`` of every image together ("overall") and of each domain's images alone."""
+    scores = {"overall": caption_scores(captions, references)}
+    for domain in sorted(set(domains.values())):
+        keys = [k for k in captions if domains[k] == domain]
+        scores[domain] = caption_scores({k: captions[k] for k in keys}, {k: references[k] for k in keys})
+    return scores
