@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the files and modules as users run them (each script is also an installed command below)
 SCRIPTS = ["main.py", "scripts/sample.py", "scripts/caption.py", "scripts/evaluate_blip2.py"]
 COMMANDS = ["db2-train", "db2-sample", "db2-export", "db2-export-lora", "db2-caption", "db2-retrieve",
-            "db2-export-blip2", "db2-evaluate-toy"]
+            "db2-export-blip2", "db2-evaluate-toy", "db2-evaluate-blip2"]
 MODULES = ["blip2.export", "toy.shapes", "benchmarks.bench_sd"]
 
 
