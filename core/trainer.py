@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from core.callbacks.checkpointing import AtomicCheckpointIO, RankSeed, ResumableCheckpoint
+from core.callbacks.finite import StopOnNonFinite
 from core.cli import run_cli
 from core.config import get_obj_from_str, instantiate_from_config, load_config
 from core.weights import CheckpointError, atomic_path
@@ -210,7 +211,7 @@ def build_callbacks(config: DictConfig, logdir: Path) -> list[pl.Callback]:
         callbacks.append(callback)
     checkpoint = OmegaConf.to_container(OmegaConf.select(config, "lightning.checkpoint") or {})
     callbacks += [ResumableCheckpoint(logdir / "checkpoints", **checkpoint), RankSeed(config.lightning.seed),
-                  LearningRateMonitor(logging_interval="step")]
+                  StopOnNonFinite(), LearningRateMonitor(logging_interval="step")]
     return callbacks
 
 

@@ -125,3 +125,20 @@ class RecordingClassImageSampler(ClassImageSampler):
         self.record_dir.mkdir(parents=True, exist_ok=True)
         (self.record_dir / f"rank{self.rank}.json").write_text(json.dumps(list(indices)))
         return super().generate(model, indices, progress)
+
+
+class NonFiniteAtStep(pl.Callback):
+    """Makes optimizer step ``step`` non-finite: its loss (``what="loss"``, just before the backward pass)
+    or one trainable gradient (``what="grad"``, just before the optimizer step)."""
+
+    def __init__(self, step: int, what: str = "loss"):
+        self.step, self.what = step, what
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self.what == "loss" and trainer.global_step + 1 == self.step:
+            loss.data.fill_(float("nan"))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.what == "grad" and trainer.global_step + 1 == self.step:
+            p = next(p for p in pl_module.parameters() if p.requires_grad and p.grad is not None)
+            p.grad.view(-1)[0] = float("nan")

@@ -189,3 +189,30 @@ def test_runs_started_in_the_same_instant_get_their_own_folders(tmp_path):
         t.join()
     names = sorted(p.name for p in made)
     assert names == sorted(["2026-12-01T10-00-00_dog"] + [f"2026-12-01T10-00-00_dog_{i}" for i in range(1, 8)])
+
+
+@pytest.mark.parametrize("what", ["loss", "grad"])
+def test_a_non_finite_loss_or_step_stops_the_run_and_never_reaches_a_checkpoint(files, capsys, what):
+    """Step 3 made non-finite; checkpoints every step. A NaN loss stops before its backward pass (last.ckpt:
+    the exact state after step 2); a NaN gradient stops after the step, which is never saved."""
+    logs, threads = files["tmp"] / f"nan_{what}", torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main.main(base_args(files, **{"-l": str(logs)}) + [
+            "lightning.trainer.max_steps=5", "lightning.callbacks.image_logger=null",
+            "lightning.checkpoint.every_n_steps=1", "lightning.checkpoint.keep_last=10",
+            "lightning.callbacks.nan.target=tests.main_helpers.NonFiniteAtStep",
+            "lightning.callbacks.nan.params.step=3", f"lightning.callbacks.nan.params.what={what}"])
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert code == 2
+    expected = ("step 3: the training loss is nan; stopped before its backward pass" if what == "loss" else
+                "step 3: the optimizer step made weights NaN or inf (1 tensors")
+    assert f"main.py: error: {expected}" in err, err
+    (run_dir,) = run_dirs(logs)
+    for path in (run_dir / "checkpoints").glob("*.ckpt"):
+        ckpt = load_checkpoint(path)
+        assert ckpt["global_step"] <= 2, path
+        assert all(v.isfinite().all() for v in ckpt["state_dict"].values() if v.is_floating_point()), path
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2

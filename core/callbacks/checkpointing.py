@@ -19,9 +19,10 @@ the uninterrupted run's losses and weights bit for bit. How:
    (``KeyboardInterrupt``), as an exception does.
 5. An exception saves ``last.ckpt`` only when the state is that of a step boundary: when it struck
    in data loading, the forward or the backward pass (the weights, optimizer and EMA are still those
-   of the last finished step). From the optimizer step of a batch until the next batch starts (the
-   optimizer's per-parameter updates, the EMA update, validation) the state is half-way, and nothing
-   is written: the last checkpoint stays the newest, and one line says which it is.
+   of the last finished step), or between two batches. From the optimizer step of a batch until the
+   last of its end hooks has run (the optimizer's per-parameter updates, the EMA update), and during
+   validation, the state is half-way, and nothing is written: the last checkpoint stays the newest,
+   and one line says which it is.
 """
 from __future__ import annotations
 
@@ -111,6 +112,11 @@ def publish(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _batches(trainer: pl.Trainer) -> Any:
+    """Lightning's counts of the run's training batches (``ready``: fetched, ``completed``: every end hook run)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total
+
+
 class RankSeed(pl.Callback):
     """Seeds every rank's global RNGs with ``seed + rank`` at setup: the ranks draw different
     noise and timesteps, and each rank's draws are reproducible."""
@@ -135,7 +141,8 @@ class ResumableCheckpoint(Checkpoint):
         self.every_n_steps, self.keep_last = every_n_steps, keep_last
         self._loops: dict[str, Any] | None = None  # loop counters at the end of the last finished step
         self._rng_at_boundary: dict[str, Any] | None = None  # as the first batch after that step started
-        self._consistent = True  # False from an optimizer step until the next batch starts
+        self._stepping_batch = -1  # the batch (Lightning's count of fetched batches) of the last optimizer step
+        self._validating = False
         self._rng_ranks: list[dict[str, Any]] = []  # what the checkpoint being written stores
         self._rng_to_restore: list[dict[str, Any]] | None = None
         self._save_due = self._writing = False
@@ -152,7 +159,7 @@ class ResumableCheckpoint(Checkpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Install the stop handlers (after Lightning installed its own, which they replace)."""
         self._last_step = trainer.global_step
-        self._consistent, self._at_boundary = True, True
+        self._stepping_batch, self._at_boundary, self._validating = -1, True, False
         if trainer.ckpt_path and self._saved_step < 0:  # resumed: that checkpoint is the newest saved state
             self._saved_step = trainer.global_step
         if threading.current_thread() is threading.main_thread():
@@ -177,10 +184,21 @@ class ResumableCheckpoint(Checkpoint):
             self._save(trainer)
         if self._at_boundary:  # the first batch after a step (or of the run): the state is that step's
             self._rng_at_boundary, self._at_boundary = rng_state(), False
-        self._consistent = True
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self._consistent = False
+        self._stepping_batch = _batches(trainer).ready
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validating = True
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validating = False
+
+    def _consistent(self, trainer: pl.Trainer) -> bool:
+        """Whether the state is a step boundary's: the batch of the last optimizer step has completed
+        (its EMA update included; Lightning counts a batch completed after every hook of its end),
+        and no validation is half-way."""
+        return _batches(trainer).completed >= self._stepping_batch and not self._validating
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -206,13 +224,15 @@ class ResumableCheckpoint(Checkpoint):
         self._restore_handlers()
         if self._loops is None:
             return  # no training step finished in this run: nothing new to save
-        if not self._consistent:
+        if not self._consistent(trainer):
             kept = f"{self.dirpath / LAST_FILE} is step {self._saved_step}" if self._saved_step >= 0 else \
                 f"the newest checkpoint in {self.dirpath} (if any) is from before this run"
             rank_zero_info(f"{type(exception).__name__} during the optimizer step or the updates after it "
                            f"(step {trainer.global_step}): the state is half-way, not saved; {kept}")
             return
-        self._rng_ranks = [self._rng_at_boundary or rng_state()] if trainer.world_size == 1 else []
+        # the RNG as the first batch after the step started (or as it stands, when none has yet)
+        rng = rng_state() if self._at_boundary or self._rng_at_boundary is None else self._rng_at_boundary
+        self._rng_ranks = [rng] if trainer.world_size == 1 else []
         if trainer.is_global_zero:
             self._writing = True
             try:
