@@ -32,7 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from core.callbacks.checkpointing import AtomicCheckpointIO, RankSeed, ResumableCheckpoint
 from core.callbacks.finite import StopOnNonFinite
 from core.cli import run_cli
-from core.config import get_obj_from_str, instantiate_from_config, load_config
+from core.config import check_params, get_obj_from_str, instantiate_from_config, load_config
 from core.weights import CheckpointError, atomic_path
 
 RUN_LOGDIR_ENV = "LDM_RUN_LOGDIR"  # rank 0 hands the log dir to the processes DDP launches
@@ -147,6 +147,9 @@ def check_inputs(config: DictConfig, train: bool, resuming: bool) -> None:
     if ckpt and not Path(ckpt).is_file():
         raise CheckpointError(f"--actual_resume {ckpt}: checkpoint file not found")
     trainer_kwargs(config)
+    lr = OmegaConf.select(config, "model.base_learning_rate")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ValueError(f"model.base_learning_rate={lr!r}: expected a number > 0")
     if not train:
         return
     if "dreambooth" in config and not ckpt and not resuming:
@@ -217,13 +220,21 @@ def build_callbacks(config: DictConfig, logdir: Path) -> list[pl.Callback]:
 
 def trainer_kwargs(config: DictConfig) -> dict[str, Any]:
     """``lightning.trainer`` with every key checked against ``Trainer``'s arguments."""
-    kwargs = OmegaConf.to_container(OmegaConf.select(config, "lightning.trainer") or {}, resolve=True)
+    section = OmegaConf.select(config, "lightning.trainer")
+    if section is not None and not isinstance(section, DictConfig):
+        raise ValueError(f"lightning.trainer: expected a mapping of Trainer arguments, got {section!r}")
+    kwargs = OmegaConf.to_container(section, resolve=True) if section is not None else {}
     allowed = set(inspect.signature(pl.Trainer.__init__).parameters) - SET_BY_MAIN - {"self"}
     for key in kwargs:
         if key in SET_BY_MAIN:
             raise ValueError(f"lightning.trainer.{key}: set by main.py, not by the config")
         if key not in allowed:
             raise ValueError(f"lightning.trainer.{key}: not an argument of lightning's Trainer")
+    check_params("lightning.trainer", pl.Trainer, kwargs)
+    for key in ("max_steps", "max_epochs"):
+        value = kwargs.get(key)
+        if isinstance(value, int) and (value == 0 or value < -1):
+            raise ValueError(f"lightning.trainer.{key}={kwargs[key]}: expected a positive number (or -1: no limit)")
     return kwargs
 
 
