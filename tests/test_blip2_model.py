@@ -10,8 +10,8 @@ from blip2.config import blip2_opt_2_7b, qformer_args
 from blip2.modules.qformer import QFormer
 from core.weights import CheckpointError
 from tests._util import randomize_, rel_err
-from tests.blip2_fixtures import (load_reference, make_tiny_blip2_folder, one_torch_thread, tiny_blip2_config,
-                                  tiny_pixels)
+from tests.blip2_fixtures import (load_reference, make_tiny_blip2_folder, one_torch_thread, reference_logits,
+                                  tiny_blip2_config, tiny_pixels)
 
 PROMPTS = ["a photo of", "Question: how many dogs are there? Answer:"]
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -21,18 +21,6 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 def pair(request, tmp_path_factory):
     folder = make_tiny_blip2_folder(tmp_path_factory.mktemp(request.param), request.param, seed=1)
     return folder, Blip2OPT.from_pretrained(folder), load_reference(folder)
-
-
-def reference_logits(ref, pixels, ids, mask):
-    """transformers' logits over [queries; text] for either Hub layout."""
-    visual = ref.get_image_features(pixels).pooler_output  # (B, Q, D)
-    embeds = torch.cat([visual, ref.get_input_embeddings()(ids)], dim=1)
-    full_mask = torch.cat([torch.ones(visual.shape[:2], dtype=mask.dtype), mask], dim=1)
-    if ref.config.image_token_index is None:
-        return ref.language_model(inputs_embeds=embeds, attention_mask=full_mask).logits, full_mask
-    image_ids = torch.full(visual.shape[:2], ref.config.image_token_index)
-    logits = ref(pixel_values=pixels, input_ids=torch.cat([image_ids, ids], dim=1), attention_mask=full_mask).logits
-    return logits, full_mask
 
 
 def test_weights_equal_reference(pair):
