@@ -47,7 +47,7 @@ def assign_weights(model: torch.nn.Module, source: str, keys: set[str], get: Cal
         tensor = get(key)
         if tensor.shape != targets[key].shape:
             check_keys(source, LAYOUT, keys, keys, wrong=[wrong_shape(key, tensor.shape, targets[key].shape)])
-        weights[key] = tensor.to(device=device, dtype=targets[key].dtype)
+        weights[key] = tensor.to(device=device, dtype=targets[key].dtype, copy=True)  # never the file's mmap
     model.load_state_dict(_tie(weights, source), strict=True, assign=True)
     model.language_model.tie_weights()
     return model

@@ -46,7 +46,7 @@ from torch import nn
 
 from blip2.config import VISION_DEFAULTS, normalize_config, opt_args
 from blip2.hub import LAYOUT, TIED, assign_weights, load_tokenizer
-from blip2.modules.blip2_opt import Blip2OPT
+from blip2.modules.blip2_opt import Blip2OPT, newline_token_id
 from blip2.modules.blip2_qformer import Blip2Qformer
 from blip2.stage1_weights import BERT_OTHER
 from core.weights import (CheckpointError, load_checkpoint, open_folder, raise_mismatch, read_json, weights_of,
@@ -65,13 +65,14 @@ RENAMED = {"query_tokens": "query_tokens", "ln_vision.weight": "vision_model.pos
 RENAMED_PREFIX = {"opt_proj.": "language_projection.", "vision_proj.": "vision_projection.",
                   "text_proj.": "text_projection.", "itm_head.": "itm_head."}
 TEXT_FFN = re.compile(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")  # not *_query
+# The LM head's decoder: tied copies of the word embeddings and of the head's bias (our ITG head
+# uses those two directly), checked equal to their twins, then dropped.
 TIED_HEAD = {"Qformer.cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",
              "Qformer.cls.predictions.decoder.bias": "lm_head.bias"}
 
 # Keys with no counterpart in our network, and why (LAVIS keys, or our names for a network).
 DROPPED_LAVIS = {
     "Qformer.bert.embeddings.position_ids": "BERT's position-id buffer (arange), recomputed",
-    "Qformer.cls.predictions.decoder.*": "the LM head's tied copies of the word embeddings and its bias (TIED_HEAD)",
 }
 DROPPED_EVA = {  # EVA ViT-g keys (block ``depth`` is the one after the last we build)
     "blocks.{depth}.": "EVA's last block: BLIP-2 takes the features of the second-to-last (paper Sec. 3.1)",
@@ -261,13 +262,11 @@ def check_text_config(model: Blip2OPT, opt_config: Mapping[str, Any], opt: str |
         raise CheckpointError(f"{Path(opt) / 'config.json'}: another OPT than the model's: {', '.join(differ)}")
 
 
-def check_part(part: Part, targets: Mapping[str, torch.Tensor], layout: str, dropped: Callable[[str], bool],
-               shapes: Mapping[str, tuple] | None = None) -> None:
-    """The part's keys belong to ``targets`` (or are ``dropped`` by design) with the right shapes."""
-    shapes = shapes or {k: tuple(v.shape) for k, v in part.tensors.items()}
+def check_part(part: Part, targets: Mapping[str, torch.Tensor], layout: str, dropped: Callable[[str], bool]) -> None:
+    """The part's keys belong to ``targets`` (or are ``dropped`` by design); its tensors have their shapes."""
     unexpected = [part.names[k] for k in part.names if k not in targets and not dropped(k)]
-    wrong = [wrong_shape(part.names[k], shapes[k], targets[k].shape) for k in part.names
-             if k in targets and k in shapes and tuple(shapes[k]) != tuple(targets[k].shape)]
+    wrong = [wrong_shape(part.names[k], v.shape, targets[k].shape) for k, v in part.tensors.items()
+             if k in targets and v.shape != targets[k].shape]
     raise_mismatch(part.source, layout, [], unexpected, wrong)
 
 
@@ -275,8 +274,8 @@ def dropped_in(network: type[nn.Module]) -> Callable[[str], bool]:
     """Our keys that the LAVIS file may hold but ``network`` has no place for (see ``DROPPED_IN_OPT``)."""
     if network is Blip2Qformer:
         return lambda key: key in TIED_HEAD
-    prefixes = tuple(p for p in DROPPED_IN_OPT if p != "text FFN")
-    return lambda key: key in TIED_HEAD or key.startswith(prefixes) or bool(TEXT_FFN.match(key))
+    prefixes = tuple(p for p in DROPPED_IN_OPT if p.endswith("."))
+    return lambda key: key in TIED_HEAD or key == "temp" or key.startswith(prefixes) or bool(TEXT_FFN.match(key))
 
 
 def check_complete(parts: list[Part], targets: Mapping[str, Any], layout: str) -> None:
@@ -344,7 +343,7 @@ def load_lavis_opt(lavis: str | os.PathLike, vit: str | os.PathLike | None, opt:
         model = Blip2OPT.from_config(config, dtype=dtype, device="meta", tokenizer=tokenizer)
     else:
         check_text_config(model, opt_config, opt)
-        model.tokenizer = tokenizer
+        model.tokenizer, model.eos_token_id = tokenizer, newline_token_id(tokenizer)
     targets = model.state_dict()
     for p in parts:
         check_part(p, targets, "BLIP-2 OPT (LAVIS)", dropped_in(Blip2OPT))
