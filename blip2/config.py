@@ -113,21 +113,38 @@ def opt_args(config: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def blip2_opt_2_7b(image_size: int = 224, image_tokens: bool = True) -> dict[str, Any]:
-    """The ``Salesforce/blip2-opt-2.7b`` config (``image_size=364``: the ``-coco`` model).
+OPT_SIZES: dict[str, dict[str, int]] = {  # facebook/opt-* config.json (vocabulary without <image>: 50272)
+    "2.7b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240),
+    "6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384),
+}
+OPT_VOCAB, IMAGE_TOKEN_VOCAB, IMAGE_TOKEN_ID = 50272, 50304, 50265  # the Hub revision with <image> tokens
+
+
+def blip2_opt(size: str = "2.7b", image_size: int = 224, image_tokens: bool = True) -> dict[str, Any]:
+    """The ``Salesforce/blip2-opt-{size}`` config (``image_size=364``: the ``-coco`` model).
 
     EVA ViT-g/14 (1408 wide, 39 blocks, 16 heads, MLP 6144), a BERT-base Q-Former with 32 queries
-    and cross-attention every 2nd layer, OPT-2.7b (2560 wide, 32 layers, 32 heads, FFN 10240).
-    ``image_tokens``: the current Hub revision (32 ``<image>`` tokens, id 50265, vocab 50304);
-    else the older one (queries prepended, vocab 50272).
+    and cross-attention every 2nd layer, OPT of ``OPT_SIZES[size]``. ``image_tokens``: the current
+    Hub revision (32 ``<image>`` tokens, id 50265, vocab 50304); else the older one and LAVIS's
+    (queries prepended, vocab 50272).
     """
+    if size not in OPT_SIZES:
+        raise ConfigError(f"OPT size {size!r}: expected one of {sorted(OPT_SIZES)}")
     return normalize_config({
         "vision_config": dict(image_size=image_size),
         "qformer_config": {},
-        "text_config": dict(
-            vocab_size=50304 if image_tokens else 50272, hidden_size=2560, num_hidden_layers=32,
-            ffn_dim=10240, num_attention_heads=32, word_embed_proj_dim=2560,
-        ),
+        "text_config": dict(vocab_size=IMAGE_TOKEN_VOCAB if image_tokens else OPT_VOCAB,
+                            word_embed_proj_dim=OPT_SIZES[size]["hidden_size"], **OPT_SIZES[size]),
         "num_query_tokens": 32,
-        "image_token_index": 50265 if image_tokens else None,
+        "image_token_index": IMAGE_TOKEN_ID if image_tokens else None,
     })
+
+
+def blip2_opt_2_7b(image_size: int = 224, image_tokens: bool = True) -> dict[str, Any]:
+    """``blip2_opt("2.7b", ...)``: OPT-2.7b (2560 wide, 32 layers, 32 heads, FFN 10240)."""
+    return blip2_opt("2.7b", image_size, image_tokens)
+
+
+def blip2_opt_6_7b(image_size: int = 224, image_tokens: bool = True) -> dict[str, Any]:
+    """``blip2_opt("6.7b", ...)``: OPT-6.7b (4096 wide, 32 layers, 32 heads, FFN 16384)."""
+    return blip2_opt("6.7b", image_size, image_tokens)

@@ -6,7 +6,8 @@ The folder (the layout of the Hub's ``Salesforce/blip2-opt-*``):
 2. ``model.safetensors``: the ``Blip2ForConditionalGeneration`` keys, without the output head tied
    to the token embedding (transformers does not store tied copies), ``format: pt`` metadata;
 3. the tokenizer files (``save_pretrained`` of the model's tokenizer);
-4. ``preprocessor_config.json``: ``BlipImageProcessor`` settings (size, mean, std, bicubic).
+4. ``preprocessor_config.json``: ``BlipImageProcessor`` settings (size, mean, std, bicubic);
+5. ``generation_config.json``: bos, eos ("\\n") and pad, and the model's ``generation_defaults``.
 
 From a training checkpoint of ``Blip2OPTFinetune`` (``state_dict`` ``model.*`` plus ``blip2_config``),
 read by ``blip2.loading.load_blip2``; bad input is one line on stderr and exit status 2:
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from blip2.config import normalize_config
-from blip2.hub import TIED
+from blip2.hub import GENERATION_FILE, TIED
 from blip2.loading import load_blip2
 from blip2.modules.blip2_opt import Blip2OPT
 from core.cli import run_cli
@@ -52,6 +53,12 @@ def preprocessor_config(model: Blip2OPT) -> dict[str, Any]:
     }
 
 
+def generation_config(model: Blip2OPT) -> dict[str, Any]:
+    """``generation_config.json``: the model's token ids and default decoding settings."""
+    ids = {"bos_token_id": model.bos_token_id, "eos_token_id": model.eos_token_id, "pad_token_id": model.pad_token_id}
+    return {**ids, **model.generation_defaults}
+
+
 def _write_json(obj: Mapping[str, Any], path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
@@ -67,6 +74,7 @@ def save_pretrained(model: Blip2OPT, config: Mapping[str, Any], folder: str | os
     save_checkpoint(weights, folder / "model.safetensors", metadata={"format": "pt"})
     _write_json(hf_config(config), folder / "config.json")
     _write_json(preprocessor_config(model), folder / "preprocessor_config.json")
+    _write_json(generation_config(model), folder / GENERATION_FILE)
     model.tokenizer.save_pretrained(str(folder))
     return folder
 

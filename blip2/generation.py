@@ -64,11 +64,7 @@ class GenerationSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         values = dict(defaults or {})
         if generation_config is not None:
-            given = generation_config.to_diff_dict()
-            bad = sorted(k for k, v in given.items() if k not in names | IGNORED_FIELDS and v not in (None, False))
-            if bad:
-                raise ValueError(f"GenerationConfig: unsupported option(s) {bad}; supported: {sorted(names)}")
-            values.update({k: v for k, v in given.items() if k in names and v is not None})
+            values.update(supported_fields(generation_config.to_diff_dict(), "GenerationConfig"))
         unknown = sorted(set(options) - names)
         if unknown:
             raise ValueError(f"unknown generation option(s) {unknown}; supported: {sorted(names)}")
@@ -87,6 +83,16 @@ class GenerationSettings:
     @property
     def rows_per_input(self) -> int:
         return self.num_beams if self.num_beams > 1 else self.num_return_sequences
+
+
+def supported_fields(given: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The ``GenerationSettings`` fields set in a ``GenerationConfig``'s fields (``given``), without
+    its metadata (``IGNORED_FIELDS``); any other field that is set raises, naming ``where``."""
+    names = {f.name for f in dataclasses.fields(GenerationSettings)}
+    bad = sorted(k for k, v in given.items() if k not in names | IGNORED_FIELDS and v not in (None, False))
+    if bad:
+        raise ValueError(f"{where}: unsupported option(s) {bad}; supported: {sorted(names)}")
+    return {k: v for k, v in given.items() if k in names and v is not None}
 
 
 def _coerce(values: dict[str, Any]) -> dict[str, Any]:

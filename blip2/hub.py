@@ -1,8 +1,10 @@
 """Reading a Hugging Face Hub folder of BLIP-2 OPT (``Salesforce/blip2-opt-2.7b`` and alike).
 
 ``config.json`` (transformers' ``Blip2Config`` fields), ``model.safetensors`` or shards listed in
-``model.safetensors.index.json``, the tokenizer files (GPT-2 BPE, loaded offline with
-``AutoTokenizer``) and ``preprocessor_config.json`` (image size, mean, std). Weights must match
+``model.safetensors.index.json`` (else ``pytorch_model.bin`` or its shards, ``core.weights``), the
+tokenizer files (GPT-2 BPE, loaded offline with ``AutoTokenizer``), ``preprocessor_config.json``
+(image size, mean, std) and ``generation_config.json`` (the model's ``generation_defaults``: an
+option given to ``generate`` still wins). Weights must match
 transformers' ``Blip2ForConditionalGeneration`` keys exactly; the tied output head
 ``language_model.lm_head.weight`` may be absent (transformers does not save tied copies), and when
 present it must equal the token embedding. Tensors are read one at a time into their final dtype
@@ -16,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from blip2.generation import GenerationSettings, supported_fields
 from blip2.processors import CLIP_MEAN, CLIP_STD, PREPROCESSOR_FILE, processor_args
 from core.cli import first_line
 from core.weights import CheckpointError, check_keys, open_folder, read_json, wrong_shape
@@ -23,6 +26,7 @@ from core.weights import CheckpointError, check_keys, open_folder, read_json, wr
 LAYOUT = "Blip2ForConditionalGeneration"
 TIED = ("language_model.lm_head.weight", "language_model.model.decoder.embed_tokens.weight")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+GENERATION_FILE = "generation_config.json"
 
 
 def check_tied_keys(where: str, found: set[str], expected: set[str]) -> None:
@@ -43,7 +47,7 @@ def assign_weights(model: torch.nn.Module, source: str, keys: set[str], get: Cal
         tensor = get(key)
         if tensor.shape != targets[key].shape:
             check_keys(source, LAYOUT, keys, keys, wrong=[wrong_shape(key, tensor.shape, targets[key].shape)])
-        weights[key] = tensor.to(device=device, dtype=targets[key].dtype)
+        weights[key] = tensor.to(device=device, dtype=targets[key].dtype, copy=True)  # never the file's mmap
     model.load_state_dict(_tie(weights, source), strict=True, assign=True)
     model.language_model.tie_weights()
     return model
@@ -88,6 +92,20 @@ def image_settings(folder: Path, default_size: int) -> dict[str, Any]:
     return {"image_size": args["image_size"], "image_mean": tuple(args["mean"]), "image_std": tuple(args["std"])}
 
 
+def generation_defaults(folder: Path) -> dict[str, Any]:
+    """The decoding settings of ``generation_config.json`` ({} when absent), checked now: an option
+    that ``blip2.generation`` does not support, or a bad value, is an error naming the file."""
+    path = folder / GENERATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        values = supported_fields(read_json(path), str(path))
+        GenerationSettings.build(None, values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(first_line(err) if str(path) in str(err) else f"{path}: {first_line(err)}") from None
+    return values
+
+
 def load_pretrained(cls: type, folder: str | os.PathLike, dtype: torch.dtype, device: str | torch.device):
     """Build ``cls`` (``Blip2OPT``) from a Hub folder: see the module docstring. On the meta device
     the weights are not read: the folder's architecture, tokenizer and image settings alone."""
@@ -99,6 +117,7 @@ def load_pretrained(cls: type, folder: str | os.PathLike, dtype: torch.dtype, de
     model = cls.from_config(config, dtype=dtype, device="meta", tokenizer=tokenizer)
     for name, value in image_settings(folder, model.image_size).items():
         setattr(model, name, value)
+    model.generation_defaults = generation_defaults(folder)
     if torch.device(device).type == "meta":
         return model.eval()
     return load_safetensors(model, folder, device).eval()

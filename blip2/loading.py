@@ -13,7 +13,11 @@ used by ``scripts/caption.py``, ``scripts/retrieve.py`` and ``blip2.export``.
    ``bert_weights``); the file holds the network's keys (``.safetensors``, a ``state_dict``) or is
    a Lightning checkpoint of a system (``state_dict`` ``model.*``), and loads strictly;
 3. a Lightning checkpoint of ``Blip2OPTFinetune`` alone: self-describing (``blip2_config``), with
-   the tokenizer from the folder ``tokenizer``.
+   the tokenizer from the folder ``tokenizer``, else from the folder the checkpoint names
+   (``blip2_tokenizer``: the one it was trained with);
+4. a LAVIS checkpoint (``{"model": ...}``) with the EVA ViT file ``vit`` (unless it holds its own
+   ViT) and, for ``Blip2OPT``, the OPT folder ``opt`` (``blip2.lavis``); with ``config``, into the
+   network that config builds, else into BLIP-2's architecture sized from the files.
 
 Weight files are read with ``core.weights`` (``weights_only``; one-line errors naming the file).
 """
@@ -27,15 +31,18 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from blip2.hub import assign_weights, load_tokenizer
+from blip2.hub import assign_weights, load_pretrained, load_tokenizer
+from blip2.lavis import load_lavis_opt, load_lavis_stage1
 from blip2.modules.blip2_opt import Blip2OPT
 from blip2.modules.blip2_qformer import Blip2Qformer
 from blip2.processors import PREPROCESSOR_FILE, Blip2ImageProcessor
+from blip2.stage1_weights import load_retrieval_folder
 from core.config import instantiate_from_config, load_config
-from core.weights import CheckpointError, load_checkpoint, load_state_dict, load_strict
+from core.weights import SAFETENSORS_SUFFIXES, CheckpointError, load_checkpoint, load_state_dict, load_strict
 
 MODEL_PREFIX = "model."  # our systems hold their network as ``self.model``
 START_WEIGHTS = ("vision_weights", "bert_weights")  # Blip2Stage1's: the weight file replaces them
+TOKENIZER_ENTRY = "blip2_tokenizer"  # a Blip2OPTFinetune checkpoint's: the folder of its tokenizer
 
 
 def build_blip2_opt(config: Mapping[str, Any], tokenizer: str | None = None) -> Blip2OPT:
@@ -50,11 +57,13 @@ def build_blip2_opt(config: Mapping[str, Any], tokenizer: str | None = None) -> 
 def load_blip2(source: str | os.PathLike, config: str | os.PathLike | Mapping | None = None,
                network: type[nn.Module] = Blip2OPT, tokenizer: str | os.PathLike | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               image_size: int | None = None) -> tuple[nn.Module, Blip2ImageProcessor]:
+               image_size: int | None = None, vit: str | os.PathLike | None = None,
+               opt: str | os.PathLike | None = None) -> tuple[nn.Module, Blip2ImageProcessor]:
     """(network in eval mode on ``device``, its image processor) from ``source`` (see the module
     notes). ``dtype``: a ``Blip2OPT``'s precision (ViT, projection, OPT; the Q-Former stays fp32);
     ``image_size``: the input resolution when it differs from the config's (e.g. the 364 px of
-    caption fine-tuning). Bad input raises a one-line ``ValueError`` naming the file."""
+    caption fine-tuning); ``vit``, ``opt``: the EVA ViT file and OPT folder of a LAVIS checkpoint.
+    Bad input raises a one-line ``ValueError`` naming the file."""
     if network not in (Blip2OPT, Blip2Qformer):
         raise ValueError(f"load_blip2: network must be Blip2OPT or Blip2Qformer, got {network!r}")
     if network is Blip2Qformer and dtype != torch.float32:
@@ -64,6 +73,8 @@ def load_blip2(source: str | os.PathLike, config: str | os.PathLike | Mapping | 
         model = _from_folder(network, source, dtype, device)
     elif not source.is_file():
         raise CheckpointError(f"{source}: no such model folder or checkpoint file")
+    elif vit is not None or opt is not None or (config is None and is_lavis_checkpoint(source)):
+        model = _from_lavis(network, source, vit, opt, config, tokenizer, dtype, device)
     elif config is not None:
         model = _from_config(network, source, config, dtype, device)
     else:
@@ -93,8 +104,33 @@ def _tokenizer(folder: str | os.PathLike) -> Any:
 
 def _from_folder(network: type[nn.Module], folder: Path, dtype: torch.dtype, device: str | torch.device) -> Any:
     if network is Blip2Qformer:
-        return Blip2Qformer.from_pretrained(folder, device=device)
-    return Blip2OPT.from_pretrained(folder, dtype=dtype, device=device)
+        return load_retrieval_folder(Blip2Qformer, folder, device)
+    return load_pretrained(Blip2OPT, folder, dtype, device)
+
+
+def is_lavis_checkpoint(path: Path) -> bool:
+    """A LAVIS ``.pth`` file: ``{"model": state_dict}`` (ours hold ``state_dict``); memory-mapped, so
+    looking reads little."""
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        return False
+    obj = load_checkpoint(path, mmap=True)
+    return isinstance(obj.get("model"), Mapping) and "state_dict" not in obj
+
+
+def _from_lavis(network: type[nn.Module], source: Path, vit: str | os.PathLike | None,
+                opt: str | os.PathLike | None, config: str | os.PathLike | Mapping | None,
+                tokenizer: str | os.PathLike | None, dtype: torch.dtype, device: str | torch.device) -> Any:
+    """A LAVIS checkpoint (``blip2.lavis``): into the network ``config`` builds, or BLIP-2's."""
+    model = _build(network, config) if config is not None else None
+    if network is Blip2Qformer:
+        if opt is not None:
+            raise ValueError(f"{source}: a stage-1 Blip2Qformer has no OPT; leave out the OPT folder {opt}")
+        kwargs = {"tokenizer": str(tokenizer)} if tokenizer is not None and model is None else {}
+        return load_lavis_stage1(source, vit, model, device, **kwargs)
+    if opt is None:
+        raise ValueError(f"{source}: a LAVIS BLIP-2 OPT checkpoint needs its OPT folder (facebook/opt-2.7b "
+                         "layout: config.json, weights, tokenizer; --opt)")
+    return load_lavis_opt(source, vit, opt, model, dtype, device)
 
 
 def _load_weights(model: Any, source: Path, state: Mapping[str, torch.Tensor], dtype: torch.dtype,
@@ -109,6 +145,12 @@ def _load_weights(model: Any, source: Path, state: Mapping[str, torch.Tensor], d
 
 def _from_config(network: type[nn.Module], source: Path, config: str | os.PathLike | Mapping,
                  dtype: torch.dtype, device: str | torch.device) -> Any:
+    model = _build(network, config)
+    return _load_weights(model, source, network_state(load_state_dict(source)), dtype, device)
+
+
+def _build(network: type[nn.Module], config: str | os.PathLike | Mapping) -> Any:
+    """The network ``config``'s ``model`` builds, on the meta device without its start weights."""
     model_config = (load_config([config]) if isinstance(config, (str, os.PathLike)) else config).get("model")
     if model_config is None:
         raise KeyError(f"{config}: the config has no 'model' section")
@@ -120,17 +162,28 @@ def _from_config(network: type[nn.Module], source: Path, config: str | os.PathLi
     if not isinstance(model, network):
         raise ValueError(f"{config}: 'model' builds a {type(built).__name__}, expected a {network.__name__} "
                          "or a system that holds one")
-    return _load_weights(model, source, network_state(load_state_dict(source)), dtype, device)
+    return model
 
 
 def _from_training_checkpoint(network: type[nn.Module], source: Path, tokenizer: str | os.PathLike | None,
                               dtype: torch.dtype, device: str | torch.device) -> Blip2OPT:
     """A ``Blip2OPTFinetune`` checkpoint: its ``blip2_config`` and ``state_dict`` (``model.*``)."""
-    obj = load_checkpoint(source)
+    obj = load_checkpoint(source, mmap=True)
     if network is not Blip2OPT or "blip2_config" not in obj or "state_dict" not in obj:
         raise CheckpointError(f"{source}: not a Blip2OPTFinetune checkpoint (no 'blip2_config' / 'state_dict'); "
                               "give the config that builds its model")
-    if tokenizer is None:
-        raise ValueError(f"{source}: a Blip2OPTFinetune checkpoint needs the tokenizer folder (or its config)")
-    model = Blip2OPT.from_config(obj["blip2_config"], device="meta", tokenizer=_tokenizer(tokenizer))
+    model = Blip2OPT.from_config(obj["blip2_config"], device="meta", tokenizer=_checkpoint_tokenizer(obj, source,
+                                                                                                     tokenizer))
     return _load_weights(model, source, network_state(obj["state_dict"]), dtype, device)
+
+
+def _checkpoint_tokenizer(obj: Mapping[str, Any], source: Path, tokenizer: str | os.PathLike | None) -> Any:
+    """The tokenizer of a training checkpoint: the folder ``tokenizer``, else the one it names."""
+    if tokenizer is not None:
+        return _tokenizer(tokenizer)
+    recorded = obj.get(TOKENIZER_ENTRY)
+    if recorded is None:
+        raise ValueError(f"{source}: the checkpoint names no tokenizer folder; give one (--tokenizer) or its config")
+    if not Path(recorded).is_dir():
+        raise ValueError(f"{source}: its tokenizer folder {recorded} (from training) is gone; give one (--tokenizer)")
+    return _tokenizer(recorded)

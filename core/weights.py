@@ -2,7 +2,8 @@
 
 - ``load_checkpoint`` / ``load_state_dict``: a ``.ckpt`` / ``.pth`` pickle or a ``.safetensors`` file;
   ``open_safetensors`` and ``open_folder`` read a Hugging Face folder (one file, or shards with
-  their index) one tensor at a time.
+  their index; ``model.safetensors`` or else transformers' older ``pytorch_model.bin``) one tensor
+  at a time (a ``.bin`` shard is memory-mapped).
 - ``check_keys``: every strict match of a file against a model (or a layout) raises one
   ``CheckpointError`` line in one format: the file, the layout, then the missing keys, the unexpected
   keys and the tensors of the wrong shape, each as ``count (first keys)``; ``load_strict`` applies it
@@ -29,7 +30,9 @@ import numpy as np
 import torch
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
-INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"  # a Hugging Face folder's
+# A Hugging Face folder's weights, in the order looked for: (index of shards, single file).
+FOLDER_WEIGHTS = (("model.safetensors.index.json", "model.safetensors"),
+                  ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 
 
 class CheckpointError(ValueError):
@@ -52,10 +55,10 @@ def _allowed_globals() -> list:
     return allowed
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, mmap: bool = False) -> Any:
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _is_zip(path))
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = f"it references {found.group(1)}" if found else "it is not a plain weights pickle"
@@ -67,15 +70,22 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a whole checkpoint file: a dict (a ``.safetensors`` file gives its tensors)."""
+def _is_zip(path: Path) -> bool:
+    """torch.save's zip format (since torch 1.6), which ``torch.load`` can memory-map."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Read a whole checkpoint file: a dict (a ``.safetensors`` file gives its tensors). ``mmap``: map
+    a torch pickle's tensors from the file instead of reading them (zip-format files)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     if path.suffix in SAFETENSORS_SUFFIXES:
         handle = open_safetensors(path)
         return {key: handle.get_tensor(key) for key in handle.keys()}
-    obj = _torch_load(path)
+    obj = _torch_load(path, mmap)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors or a dict with 'state_dict', got {type(obj).__name__}")
     return dict(obj)
@@ -187,17 +197,28 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def weight_files(folder: str | os.PathLike) -> tuple[Path, list[Path]]:
-    """(the file that names a Hugging Face folder's weights, its safetensors files): the index and
-    its shards, or the single ``model.safetensors``."""
+    """(the file that names a Hugging Face folder's weights, its weight files): the index and its
+    shards, or the single file; safetensors first, else ``pytorch_model.bin``."""
     folder = Path(folder)
-    if (folder / INDEX_FILE).is_file():
-        weight_map = read_json(folder / INDEX_FILE).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{folder / INDEX_FILE}: expected a non-empty 'weight_map' object")
-        return folder / INDEX_FILE, [folder / name for name in sorted(set(weight_map.values()))]
-    if (folder / SINGLE_FILE).is_file():
-        return folder / SINGLE_FILE, [folder / SINGLE_FILE]
-    raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (only safetensors weights are read)")
+    for index, single in FOLDER_WEIGHTS:
+        if (folder / index).is_file():
+            weight_map = read_json(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{folder / index}: expected a non-empty 'weight_map' object")
+            return folder / index, [folder / name for name in sorted(set(weight_map.values()))]
+        if (folder / single).is_file():
+            return folder / single, [folder / single]
+    names = " / ".join(name for pair in FOLDER_WEIGHTS for name in pair)
+    raise CheckpointError(f"{folder}: no weights ({names})")
+
+
+def _file_readers(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
+    """{key: a reader of that tensor} of one weight file of a folder."""
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        handle = open_safetensors(path)
+        return {key: functools.partial(handle.get_tensor, key) for key in handle.keys()}
+    state = weights_of(load_checkpoint(path, mmap=True), str(path))
+    return {key: functools.partial(state.__getitem__, key) for key in state}
 
 
 def open_folder(folder: str | os.PathLike) -> tuple[str, dict[str, Callable[[], torch.Tensor]]]:
@@ -207,8 +228,7 @@ def open_folder(folder: str | os.PathLike) -> tuple[str, dict[str, Callable[[], 
     source, files = weight_files(folder)
     readers: dict[str, Callable[[], torch.Tensor]] = {}
     for path in files:
-        handle = open_safetensors(path)
-        readers.update({key: functools.partial(handle.get_tensor, key) for key in handle.keys()})
+        readers.update(_file_readers(path))
     return str(source), readers
 
 

@@ -6,9 +6,16 @@
         --num_beams 5 --length_penalty -1 --max_new_tokens 10 --output answers.csv
 
 Inputs are image files, folders (searched recursively by extension) and list files (one image
-path a line). The model: a Hugging Face folder (``--model``), or ``--config`` with ``--ckpt``: a
-yaml whose ``model`` builds a ``Blip2OPT`` or a ``Blip2OPTFinetune`` (e.g. the config ``main.py``
-saved in the run folder) and its weights or Lightning checkpoint (``blip2.loading.load_blip2``).
+path a line). The model (``blip2.loading.load_blip2``): ``--model`` a Hugging Face folder or a
+Lightning checkpoint of ``main.py`` (its tokenizer from the folder it names, or ``--tokenizer``);
+``--config`` with ``--ckpt``: a yaml whose ``model`` builds a ``Blip2OPT`` or a ``Blip2OPTFinetune``
+(e.g. the config ``main.py`` saved in the run folder) and its weights or Lightning checkpoint;
+``--lavis`` a LAVIS ``.pth`` with ``--opt`` its OPT folder and ``--vit`` the EVA ViT file (unless
+it holds its own ViT), into BLIP-2's architecture (or the one ``--config`` builds):
+
+    python scripts/caption.py photos/ --lavis blip2_caption_opt2.7b.pth --opt models/opt-2.7b \
+        --prompt "a photo of"
+
 Unreadable images are reported on stderr by name and skipped; the exit code is then 1. Bad input
 is one line on stderr and exit code 2.
 """
@@ -40,9 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files, folders or list files")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a Hugging Face BLIP-2 OPT folder (config.json, safetensors, tokenizer)")
-    src.add_argument("--config", help="a yaml whose 'model' builds a Blip2OPT or Blip2OPTFinetune (with --ckpt)")
-    p.add_argument("--ckpt", help="weights for --config (.safetensors, .ckpt, or a Lightning checkpoint)")
+    src.add_argument("--model", help="a Hugging Face BLIP-2 OPT folder, or a Lightning checkpoint of main.py")
+    src.add_argument("--ckpt", help="weights for --config (.safetensors, .ckpt, or a Lightning checkpoint)")
+    src.add_argument("--lavis", help="a LAVIS checkpoint (.pth), with --opt (and --vit)")
+    p.add_argument("--config", help="a yaml whose 'model' builds a Blip2OPT or Blip2OPTFinetune (for --ckpt, --lavis)")
+    p.add_argument("--vit", help="the EVA ViT-g file of --lavis (eva_vit_g.pth)")
+    p.add_argument("--opt", help="the OPT folder of --lavis (facebook/opt-2.7b layout: config, weights, tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer folder for a Lightning checkpoint in --model")
+    p.add_argument("--image_size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--prompt", default=None, help='caption prefix, e.g. "a photo of" (not echoed back)')
     p.add_argument("--question", default=None, help="VQA: ask this about every image")
     p.add_argument("--questions", default=None, help="VQA: a file of questions, one a line, asked of every image")
@@ -68,12 +80,19 @@ def generation_options(opt: argparse.Namespace) -> dict:
 
 
 def check(opt: argparse.Namespace, questions: list[str]) -> None:
-    if opt.model and not Path(opt.model).is_dir():
-        raise ValueError(f"{opt.model}: model folder not found")
-    if opt.config and not opt.ckpt:
-        raise ValueError("--config needs --ckpt (the weights to load into the model it builds)")
+    if opt.model and not Path(opt.model).exists():
+        raise ValueError(f"{opt.model}: model folder or checkpoint not found")
     if opt.ckpt and not opt.config:
-        raise ValueError("--ckpt needs --config (the model to load it into); a HF folder goes in --model")
+        raise ValueError("--ckpt needs --config (the model to load it into); a HF folder or a Lightning "
+                         "checkpoint goes in --model")
+    if opt.lavis and not opt.opt:
+        raise ValueError("--lavis needs --opt (the OPT folder: its language model and tokenizer)")
+    if (opt.vit or opt.opt) and not opt.lavis:
+        raise ValueError("--vit and --opt belong to --lavis (a LAVIS checkpoint)")
+    if opt.config and not (opt.ckpt or opt.lavis):
+        raise ValueError("--config needs --ckpt (the weights to load into the model it builds) or --lavis")
+    if opt.tokenizer and not opt.model:
+        raise ValueError("--tokenizer is for a Lightning checkpoint in --model")
     if questions and opt.sidecar:
         raise ValueError("--sidecar writes captions; it cannot be combined with --question/--questions")
     if questions and opt.prompt:
@@ -102,7 +121,9 @@ def run(opt: argparse.Namespace) -> int:
     questions = read_questions(opt.question, opt.questions)
     check(opt, questions)
     paths = collect_inputs(opt.inputs)
-    model, processor = load_blip2(opt.model or opt.ckpt, opt.config, dtype=DTYPES[opt.dtype], device=opt.device)
+    model, processor = load_blip2(opt.model or opt.ckpt or opt.lavis, opt.config, tokenizer=opt.tokenizer,
+                                  dtype=DTYPES[opt.dtype], device=opt.device, image_size=opt.image_size,
+                                  vit=opt.vit, opt=opt.opt)
     torch.manual_seed(opt.seed)
     gen = generation_options(opt)
     fields = ["image", "question", "answer"] if questions else ["image", "prompt", "caption"]

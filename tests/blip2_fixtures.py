@@ -1,7 +1,7 @@
 """A tiny random BLIP-2 OPT saved as a Hub HF folder, and its transformers twin, for parity tests.
 
 ``make_tiny_blip2_folder(path, layout)`` writes ``config.json``, ``model.safetensors`` (or shards),
-``generation_config.json``, a byte-level BPE tokenizer trained here on a few captions (GPT-2 files
+``generation_config.json`` (eos "\\n", as the Hub's folders), a byte-level BPE tokenizer trained here on a few captions (GPT-2 files
 plus ``tokenizer.json``; ids 0-3 are OPT's ``<s> <pad> </s> <unk>`` and "\\n" is one token) and a
 ``preprocessor_config.json``. ``layout="image_tokens"``: the current Hub layout with an
 ``<image>`` token; ``"prepend"``: the older one without it. Every parameter is random
@@ -75,8 +75,10 @@ def make_tiny_blip2_folder(path, layout: str = "image_tokens", seed: int = 0, ma
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = save_tiny_tokenizer(path, image_token=layout == "image_tokens")
     image_id = tokenizer.convert_tokens_to_ids("<image>") if layout == "image_tokens" else None
+    config = tiny_blip2_config(len(tokenizer), image_id, image_size)
+    config.text_config.eos_token_id = tokenizer("\n", add_special_tokens=False)["input_ids"][0]  # as on the Hub
     torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(tiny_blip2_config(len(tokenizer), image_id, image_size)).eval()
+    model = Blip2ForConditionalGeneration(config).eval()
     randomize_(model, seed=seed)
     model.save_pretrained(str(path), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     (path / "preprocessor_config.json").write_text(json.dumps({
@@ -92,6 +94,18 @@ def load_reference(path):
     from transformers import Blip2ForConditionalGeneration
 
     return Blip2ForConditionalGeneration.from_pretrained(str(path)).eval()
+
+
+def reference_logits(ref, pixels, ids, mask):
+    """transformers' logits over [queries; text] for either Hub layout."""
+    visual = ref.get_image_features(pixels).pooler_output  # (B, Q, D)
+    embeds = torch.cat([visual, ref.get_input_embeddings()(ids)], dim=1)
+    full_mask = torch.cat([torch.ones(visual.shape[:2], dtype=mask.dtype), mask], dim=1)
+    if ref.config.image_token_index is None:
+        return ref.language_model(inputs_embeds=embeds, attention_mask=full_mask).logits, full_mask
+    image_ids = torch.full(visual.shape[:2], ref.config.image_token_index)
+    logits = ref(pixel_values=pixels, input_ids=torch.cat([image_ids, ids], dim=1), attention_mask=full_mask).logits
+    return logits, full_mask
 
 
 def one_torch_thread():

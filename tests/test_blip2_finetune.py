@@ -299,16 +299,36 @@ def test_coco_config_runs_on_tiny_inputs(folder, tmp_path):
     assert module2.prompt == "" and not any(p.requires_grad for p in module2.model.language_model.parameters())
 
 
+@pytest.mark.parametrize("base,overlay,key", [
+    ("finetune_caption_coco", "finetune_caption_coco_opt6.7b", "model.params.pretrained"),
+    ("pretrain_stage2", "pretrain_stage2_opt6.7b", "stage2.init"),
+])
+def test_opt_6_7b_overlays_set_only_keys_of_their_base(base, overlay, key):
+    def leaves(cfg, prefix=""):  # the dotted keys of a config's values
+        return {leaf for k, v in cfg.items()
+                for leaf in (leaves(v, f"{prefix}{k}.") if OmegaConf.is_dict(v) else [f"{prefix}{k}"])}
+
+    base_cfg = OmegaConf.load(f"configs/blip2/{base}.yaml")
+    over = OmegaConf.load(f"configs/blip2/{overlay}.yaml")
+    assert leaves(over) == {key} and key in leaves(base_cfg)
+    merged = OmegaConf.merge(base_cfg, over)
+    assert OmegaConf.select(merged, key) == "models/blip2-opt-6.7b"
+    assert merged.model.params.pretrained == "models/blip2-opt-6.7b"
+
+
 def test_export_loads_in_blip2_and_transformers(folder, tmp_path):
     module = Blip2OPTFinetune(pretrained=str(folder), freeze_vit=False, prompt=PROMPT, learning_rate=1e-2)
     trainer = make_trainer(max_steps=2, max_epochs=1)
     trainer.fit(module, loader(squares(tmp_path / "data", 16, 0)))
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     out = export_checkpoint(tmp_path / "last.ckpt", tmp_path / "hf", tokenizer=folder)
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json"} <= {
-        p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json",
+            "generation_config.json"} <= {p.name for p in out.iterdir()}
     ours, ref = Blip2OPT.from_pretrained(out), load_reference(out)
     trained = module.model.eval()
+    assert ours.generation_defaults["eos_token_id"] == trained.eos_token_id == ref.generation_config.eos_token_id
+    direct = Blip2OPT.from_pretrained(tmp_path / "last.ckpt")  # the checkpoint names its tokenizer folder
+    assert all(torch.equal(direct.state_dict()[k], v) for k, v in trained.state_dict().items())
     assert not torch.equal(trained.qformer.layernorm.weight, Blip2OPT.from_pretrained(folder).qformer.layernorm.weight)
     for key, value in trained.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key

@@ -6,12 +6,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blip2 import Blip2OPT
-from blip2.config import blip2_opt_2_7b, qformer_args
+from blip2.config import blip2_opt, qformer_args
 from blip2.modules.qformer import QFormer
 from core.weights import CheckpointError
 from tests._util import randomize_, rel_err
-from tests.blip2_fixtures import (load_reference, make_tiny_blip2_folder, one_torch_thread, tiny_blip2_config,
-                                  tiny_pixels)
+from tests.blip2_fixtures import (load_reference, make_tiny_blip2_folder, one_torch_thread, reference_logits,
+                                  tiny_blip2_config, tiny_pixels)
 
 PROMPTS = ["a photo of", "Question: how many dogs are there? Answer:"]
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -21,18 +21,6 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 def pair(request, tmp_path_factory):
     folder = make_tiny_blip2_folder(tmp_path_factory.mktemp(request.param), request.param, seed=1)
     return folder, Blip2OPT.from_pretrained(folder), load_reference(folder)
-
-
-def reference_logits(ref, pixels, ids, mask):
-    """transformers' logits over [queries; text] for either Hub layout."""
-    visual = ref.get_image_features(pixels).pooler_output  # (B, Q, D)
-    embeds = torch.cat([visual, ref.get_input_embeddings()(ids)], dim=1)
-    full_mask = torch.cat([torch.ones(visual.shape[:2], dtype=mask.dtype), mask], dim=1)
-    if ref.config.image_token_index is None:
-        return ref.language_model(inputs_embeds=embeds, attention_mask=full_mask).logits, full_mask
-    image_ids = torch.full(visual.shape[:2], ref.config.image_token_index)
-    logits = ref(pixel_values=pixels, input_ids=torch.cat([image_ids, ids], dim=1), attention_mask=full_mask).logits
-    return logits, full_mask
 
 
 def test_weights_equal_reference(pair):
@@ -138,19 +126,58 @@ def test_tied_head_may_be_stored(tmp_path):
         Blip2OPT.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("size,width,ffn", [("2.7b", 2560, 10240), ("6.7b", 4096, 16384)])
 @pytest.mark.parametrize("image_size,image_tokens", [(224, True), (364, True), (224, False)])
-def test_full_size_keys_and_shapes_match_transformers(image_size, image_tokens):
+def test_full_size_keys_and_shapes_match_transformers(size, width, ffn, image_size, image_tokens):
+    """Salesforce/blip2-opt-{2.7b,6.7b}(-coco), built from their config on the meta device."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-    config = blip2_opt_2_7b(image_size, image_tokens)
+    config = blip2_opt(size, image_size, image_tokens)
     with torch.device("meta"):
         ref = Blip2ForConditionalGeneration(Blip2Config(**config))
     ours = Blip2OPT.from_config(config, device="meta")
     shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert shapes == {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert shapes["vision_model.embeddings.position_embedding"] == (1, (image_size // 14) ** 2 + 1, 1408)
-    assert shapes["language_model.lm_head.weight"] == (50304 if image_tokens else 50272, 2560)
+    assert shapes["language_model.lm_head.weight"] == (50304 if image_tokens else 50272, width)
+    assert shapes["language_model.model.decoder.layers.31.fc1.weight"] == (ffn, width)
+    assert "language_model.model.decoder.layers.32.fc1.weight" not in shapes
+    assert shapes["language_projection.weight"] == (width, 768)
     assert ours.eos_token_id == 50118 and ours.image_token_index == (50265 if image_tokens else None)
+
+
+def test_bin_folders_load_single_and_sharded(tmp_path):
+    """transformers' older folders: ``pytorch_model.bin``, or shards with ``pytorch_model.bin.index.json``."""
+    folder = make_tiny_blip2_folder(tmp_path / "single", "image_tokens", seed=1)
+    reference = Blip2OPT.from_pretrained(folder).state_dict()
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(tensors, folder / "pytorch_model.bin")
+    assert all(torch.equal(v, reference[k]) for k, v in Blip2OPT.from_pretrained(folder).state_dict().items())
+    (folder / "pytorch_model.bin").unlink()
+    keys, weight_map = sorted(tensors), {}
+    for i, name in enumerate(["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]):
+        torch.save({k: tensors[k] for k in keys[i::2]}, folder / name)
+        weight_map.update(dict.fromkeys(keys[i::2], name))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert all(torch.equal(v, reference[k]) for k, v in Blip2OPT.from_pretrained(folder).state_dict().items())
+    torch.save({"x": torch.zeros(1), "code": print}, folder / name)  # a pickle that carries code
+    with pytest.raises(CheckpointError, match=f"{name}: refused to load"):
+        Blip2OPT.from_pretrained(folder)
+    (folder / "pytorch_model.bin.index.json").unlink()
+    with pytest.raises(CheckpointError, match="no weights"):
+        Blip2OPT.from_pretrained(folder)
+
+
+def test_generation_config_with_an_unsupported_option_is_one_line(tmp_path):
+    folder = make_tiny_blip2_folder(tmp_path, "prepend", seed=1)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "max_length": 20}))
+    with pytest.raises(CheckpointError) as err:
+        Blip2OPT.from_pretrained(folder)
+    assert str(err.value).startswith(f"{folder / 'generation_config.json'}: unsupported option(s) ['max_length']")
+    (folder / "generation_config.json").write_text(json.dumps({"num_beams": 2, "num_return_sequences": 3}))
+    with pytest.raises(CheckpointError, match=r"generation_config.json: num_return_sequences \(3\) > num_beams"):
+        Blip2OPT.from_pretrained(folder)
 
 
 def test_from_config_takes_a_transformers_config():

@@ -160,10 +160,13 @@ def test_ckpt_of_another_size_is_one_line(world, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["{images}", "--model", "{tmp}/nope"], "nope: model folder not found"),
+    (["{images}", "--model", "{tmp}/nope"], "nope: model folder or checkpoint not found"),
+    (["{images}", "--lavis", "{tmp}/x.pth"], "--lavis needs --opt"),
+    (["{images}", "--model", "{model}", "--opt", "{model}"], "--vit and --opt belong to --lavis"),
     (["{tmp}", "--model", "{model}"], "no images found in"),
     (["{tmp}/absent.jpg", "--model", "{model}"], "absent.jpg: no such image"),
-    (["{images}", "--config", "{tmp}/c.yaml"], "--config needs --ckpt"),
+    (["{images}", "--ckpt", "{tmp}/c.ckpt"], "--ckpt needs --config"),
+    (["{images}", "--model", "{model}", "--config", "{tmp}/c.yaml"], "--config needs --ckpt"),
     (["{images}", "--model", "{model}", "--question", "q", "--sidecar"], "--sidecar writes captions"),
 ])
 def test_bad_invocations_are_one_line(world, tmp_path, capsys, args, message):
@@ -172,3 +175,79 @@ def test_bad_invocations_are_one_line(world, tmp_path, capsys, args, message):
     assert _main()(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("caption.py: error:") and message in err and "\n" not in err
+
+
+def _captions(path: Path) -> list[str]:
+    return [json.loads(line)["caption"] for line in path.read_text().splitlines()]
+
+
+def test_a_lightning_checkpoint_goes_in_model_directly(world, tmp_path, capsys):
+    """``--model last.ckpt``: the Blip2OPTFinetune checkpoint names its config and tokenizer folder."""
+    import torch
+
+    from blip2.models.finetune import Blip2OPTFinetune
+
+    model_dir, images, _ = world
+    module = Blip2OPTFinetune(pretrained=str(model_dir), prompt="a photo of")
+    with torch.no_grad():
+        module.model.language_projection.weight.mul_(-2.0)  # "trained"
+    ckpt = {"state_dict": module.state_dict(), "global_step": 3}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    inputs = [images / "grey.jpg", images / "alpha.png"]
+    args = [*map(str, inputs), "--max_new_tokens", "5", "--output", str(tmp_path / "a.jsonl")]
+    assert _main()([*args, "--model", str(tmp_path / "last.ckpt")]) == 0
+    pixels = Blip2ImageProcessor.from_folder(model_dir)(load_batch(inputs)[1])
+    trained = module.model.eval().generate(pixels, max_new_tokens=5)
+    assert _captions(tmp_path / "a.jsonl") == trained
+    assert Blip2OPT.from_pretrained(tmp_path / "last.ckpt").generate(pixels, max_new_tokens=5) == trained
+    torch.save({**ckpt, "blip2_tokenizer": str(tmp_path / "gone")}, tmp_path / "moved.ckpt")
+    capsys.readouterr()
+    assert _main()([*args, "--model", str(tmp_path / "moved.ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"moved.ckpt: its tokenizer folder {tmp_path / 'gone'} (from training) is gone" in err and "\n" not in err
+    assert _main()([*args, "--model", str(tmp_path / "moved.ckpt"), "--tokenizer", str(model_dir)]) == 0
+    assert _captions(tmp_path / "a.jsonl") == trained
+
+
+def test_generation_config_json_gives_the_defaults(world, tmp_path):
+    model_dir, images, _ = world
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in model_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    defaults = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**defaults, "num_beams": 2, "max_new_tokens": 3}))
+    inputs = [images / "grey.jpg", images / "alpha.png"]
+    pixels = Blip2ImageProcessor.from_folder(folder)(load_batch(inputs)[1])
+    model = Blip2OPT.from_pretrained(folder)
+    assert model.generation_defaults["num_beams"] == 2
+    out = tmp_path / "a.jsonl"
+    assert _main()([*map(str, inputs), "--model", str(folder), "--output", str(out)]) == 0
+    assert _captions(out) == model.generate(pixels, num_beams=2, max_new_tokens=3) == model.generate(pixels)
+    assert _main()([*map(str, inputs), "--model", str(folder), "--output", str(out), "--max_new_tokens", "6"]) == 0
+    assert _captions(out) == model.generate(pixels, num_beams=2, max_new_tokens=6)  # the option wins
+    assert _captions(out) != model.generate(pixels, num_beams=2, max_new_tokens=3)
+
+
+def test_lavis_files_caption_like_the_converted_folder(tmp_path, world, capsys):
+    from tests.lavis_fixtures import write_lavis_files, zero_k_bias
+
+    _, images, _ = world
+    folder = make_tiny_blip2_folder(tmp_path / "hf", "prepend", seed=4)
+    zero_k_bias(folder)
+    lavis, vit, opt = write_lavis_files(folder, tmp_path / "lavis")
+    params = {"config": json.loads((folder / "config.json").read_text())}  # the tiny architecture
+    (tmp_path / "c.yaml").write_text(json.dumps({"model": {"target": "blip2.loading.build_blip2_opt",
+                                                           "params": params}}))
+    args = [str(images / "grey.jpg"), str(images / "alpha.png"), "--max_new_tokens", "5", "--prompt", "a photo of"]
+    assert _main()([*args, "--model", str(folder), "--output", str(tmp_path / "a.jsonl")]) == 0
+    assert _main()([*args, "--lavis", str(lavis), "--vit", str(vit), "--opt", str(opt), "--config",
+                    str(tmp_path / "c.yaml"), "--output", str(tmp_path / "b.jsonl")]) == 0
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    config = json.loads((opt / "config.json").read_text())
+    (opt / "config.json").write_text(json.dumps({**config, "hidden_size": 48}))
+    capsys.readouterr()
+    assert _main()([*args, "--lavis", str(lavis), "--vit", str(vit), "--opt", str(opt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"caption.py: error: {opt / 'config.json'}: an OPT of width 48") and "\n" not in err

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from blip2.config import normalize_config
-from blip2.loading import build_blip2_opt
+from blip2.loading import TOKENIZER_ENTRY, build_blip2_opt
 from blip2.losses.caption_lm import caption_loss, caption_tokens, prompt_length, with_prompt
 from blip2.metrics import caption_scores, vqa_accuracy
 from blip2.modules.blip2_opt import VQA_TEMPLATE, Blip2OPT
@@ -94,6 +94,7 @@ class Blip2OPTFinetune(pl.LightningModule):
         self.model, self.blip2_config = load_model(pretrained, config, tokenizer)
         if self.model.tokenizer is None:
             raise ValueError(f"{pretrained or tokenizer}: the model needs a tokenizer (tokenizer files in the folder)")
+        self.tokenizer_folder = str(Path(pretrained or tokenizer).resolve())
         self.frozen_parts = frozen_modules(self.model, freeze_vit, freeze_qformer, freeze_llm)
         self.set_trainable(DTYPES[frozen_dtype], freeze_qformer)
         self.model.vision_model.gradient_checkpointing = gradient_checkpointing
@@ -182,8 +183,10 @@ class Blip2OPTFinetune(pl.LightningModule):
         self._captions, self._references, self._vqa = {}, {}, {}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Self-describing checkpoints: the ``Blip2Config`` of ``state_dict``'s ``model.*`` weights."""
+        """Self-describing checkpoints: the ``Blip2Config`` of ``state_dict``'s ``model.*`` weights and
+        the folder of the tokenizer (``blip2.loading`` reads both)."""
         checkpoint["blip2_config"] = self.blip2_config
+        checkpoint[TOKENIZER_ENTRY] = self.tokenizer_folder
 
 
 def _gathered(parts: tuple[dict, ...]) -> tuple[dict, ...]:

@@ -10,6 +10,7 @@ Either way the sequence is [queries; left-padded bos + prompt].
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -63,6 +64,7 @@ class Blip2OPT(nn.Module):
         self.eos_token_id, self.tokenizer = eos_token_id, tokenizer
         self.image_size, self.image_mean, self.image_std = image_size, tuple(image_mean), tuple(image_std)
         self.config: dict[str, Any] | None = None  # the normalised Blip2Config of ``from_config``
+        self.generation_defaults: dict[str, Any] = {}  # e.g. a Hub folder's generation_config.json
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any, dtype: torch.dtype = torch.float32,
@@ -83,12 +85,19 @@ class Blip2OPT(nn.Module):
         return model.set_precision(dtype).eval()
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "Blip2OPT":
-        """Load a Hub HF folder (config, safetensors, tokenizer, preprocessor config) strictly."""
-        from blip2.hub import load_pretrained
+    def from_pretrained(cls, source: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", **files: Any) -> "Blip2OPT":
+        """Load strictly (``blip2.loading.load_blip2``): a Hub HF folder (config, weights, tokenizer,
+        preprocessor and generation configs); a Lightning checkpoint of ours (``tokenizer=`` a
+        folder when it names none); a LAVIS checkpoint with ``opt=`` its OPT folder and ``vit=``
+        the EVA ViT file (unless it holds its own ViT)."""
+        if Path(source).is_dir() and not files:
+            from blip2.hub import load_pretrained
 
-        return load_pretrained(cls, folder, dtype, device)
+            return load_pretrained(cls, source, dtype, device)
+        from blip2.loading import load_blip2
+
+        return load_blip2(source, dtype=dtype, device=device, **files)[0]
 
     def set_precision(self, dtype: torch.dtype) -> "Blip2OPT":
         """ViT, projection and OPT in ``dtype``; ``query_tokens`` and the Q-Former in fp32."""
@@ -124,8 +133,8 @@ class Blip2OPT(nn.Module):
         return self.language_model(embeds, key_mask)
 
     def generation_settings(self, generation_config: Any = None, **options: Any) -> GenerationSettings:
-        """Options merged over this model's defaults (eos "\\n", OPT's pad)."""
-        defaults = {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
+        """Options merged over this model's defaults (eos "\\n", OPT's pad, then ``generation_defaults``)."""
+        defaults = {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id, **self.generation_defaults}
         return GenerationSettings.build(generation_config, defaults, **options)
 
     @torch.no_grad()

@@ -139,12 +139,18 @@ class Blip2Qformer(nn.Module):
         self.temp.fill_(self.initial_temp)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
-                        **kwargs: Any) -> "Blip2Qformer":
+    def from_pretrained(cls, source: str | os.PathLike, device: str | torch.device = "cpu",
+                        vit: str | os.PathLike | None = None, **kwargs: Any) -> "Blip2Qformer":
         """A Hub ``Blip2ForImageTextRetrieval`` folder (config, safetensors, tokenizer, preprocessor
         config), every key of that layout matched strictly; ``temp`` and ``lm_head`` keep their
-        initial values (the folders do not hold them). ``kwargs``: further constructor arguments."""
-        return load_retrieval_folder(cls, Path(folder), device, **kwargs)
+        initial values (the folders do not hold them). Or LAVIS's stage-1 file
+        (``blip2_pretrained.pth``, ``blip2.lavis``) with ``vit`` the EVA ViT file, unless it holds
+        its own ViT. ``kwargs``: further constructor arguments (e.g. ``tokenizer``, ``max_txt_len``)."""
+        if Path(source).is_dir():
+            return load_retrieval_folder(cls, Path(source), device, **kwargs)
+        from blip2.lavis import load_lavis_stage1
+
+        return load_lavis_stage1(source, vit, device=device, **kwargs)
 
     # ---- features ----------------------------------------------------------------------------------
     @property
