@@ -20,10 +20,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # Configs and run folders are code: a ``target`` names something to import and call. Without the
-# user's leave, only classes of these packages are built (a config from elsewhere cannot run
+# user's leave, only the project's classes and builders, and classes of torch.nn / torch.optim and
+# lightning's callbacks and loggers are built (a config from elsewhere cannot run
 # ``os.system`` or ``torch.load``); ``DB2_ALLOW_TARGETS=pkg1,pkg2.mod`` allows more, by prefix.
 ALLOWED_TARGETS = ("core.", "ldm.", "blip2.", "toy.", "torch.nn.", "torch.optim.", "lightning.pytorch.callbacks.",
                    "lightning.pytorch.loggers.", "pytorch_lightning.callbacks.", "pytorch_lightning.loggers.")
+CLASSES_ONLY = ALLOWED_TARGETS[4:]  # torch and lightning: classes only (never torch.load and the like)
 ALLOW_ENV = "DB2_ALLOW_TARGETS"
 SIMPLE_TYPES = (bool, int, float, str, type(None))
 
@@ -109,7 +111,7 @@ def instantiate_from_config(config: Mapping) -> Any:
         raise KeyError(f"expected a 'target' key in the config, got keys {sorted(config)}")
     params = config.get("params", None) or {}
     target = get_obj_from_str(config["target"])
-    if not isinstance(target, type):
+    if not isinstance(target, type) and config["target"].startswith(CLASSES_ONLY):
         raise ValueError(f"target {config['target']!r} is not a class")
     check_params(config["target"], target, params)
     try:
