@@ -33,3 +33,10 @@ def load_model(config: Any, ckpt: str | os.PathLike | None, device: torch.device
 def latent_factor(config: Any) -> int:
     """Down-sampling factor of the config's first stage (8 for sd-v1), known before building it."""
     return downsampling_factor(config.model.params.first_stage_config.params.ddconfig)
+
+
+def pixel_multiple(config: Any) -> int:
+    """What an image side must be a multiple of (64 for sd-v1): the VAE factor times the UNet's
+    halvings of the latent, known before building the model."""
+    unet = config.model.params.unet_config.params
+    return latent_factor(config) * 2 ** (len(unet.get("channel_mult", (1, 2, 4, 8))) - 1)

@@ -54,10 +54,11 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device: tor
 
 
 def check_settings(model: Any, H: int, W: int, sampler: str, eta: float) -> None:
-    factor = model.first_stage_model.factor
+    vae, unet = model.first_stage_model.factor, model.model.diffusion_model.size_multiple
     for name, value in (("H", H), ("W", W)):
-        if value % factor:
-            raise ValueError(f"{name}={value}: the image size must be a multiple of the VAE factor {factor}")
+        if value < 1 or value % (vae * unet):
+            raise ValueError(f"{name}={value}: the image size must be a positive multiple of {vae * unet} (the VAE "
+                             f"factor {vae} times the UNet's {unet}: it halves the latent {unet.bit_length() - 1} times)")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     if sampler == "plms" and eta != 0:

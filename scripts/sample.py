@@ -15,16 +15,19 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from core.cli import run_cli
 from core.config import load_config
 from core.images import make_grid, next_index, save_png
-from ldm.loading import latent_factor, load_model
+from ldm.loading import load_model, pixel_multiple
 from ldm.lora_export import merge_kohya
+from ldm.modules.encoders.tokenizer import CLIPTokenizer
 from ldm.txt2img import sampling_mode, txt2img
 
 
@@ -54,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip_grid", action="store_true")
+    p.add_argument("--truncate", action="store_true", help="cut prompts longer than the text encoder reads")
     return p.parse_args(argv)
 
 
@@ -64,7 +68,12 @@ def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
     path = Path(opt.from_file)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prompt file not found")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"{path}: no prompts in the file")
     return [lines[i:i + opt.n_samples] for i in range(0, len(lines), opt.n_samples)]
@@ -72,10 +81,29 @@ def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
 
 def check(opt: argparse.Namespace, factor: int) -> None:
     for name in ("H", "W"):
-        if getattr(opt, name) % factor:
-            raise ValueError(f"--{name} {getattr(opt, name)} must be a multiple of {factor}")
+        if getattr(opt, name) < 1 or getattr(opt, name) % factor:
+            raise ValueError(f"--{name} {getattr(opt, name)} must be a positive multiple of {factor} (the VAE factor "
+                             "times the UNet's down-sampling)")
+    for name in ("n_samples", "n_iter", "ddim_steps"):
+        if getattr(opt, name) < 1:
+            raise ValueError(f"--{name} {getattr(opt, name)}: expected a positive integer")
+    if opt.from_file is None and not opt.prompt.strip():
+        raise ValueError("--prompt is empty: give a prompt (what to avoid goes in --negative_prompt)")
     if opt.plms and opt.ddim_eta != 0:
         raise ValueError("--plms is deterministic: --ddim_eta must be 0")
+
+
+def check_lengths(batches: list[list[str]], config: Any, truncate: bool) -> None:
+    """A prompt longer than the text encoder reads is refused (or, with --truncate, cut with a warning)."""
+    if truncate:
+        return
+    length = OmegaConf.select(config, "model.params.cond_stage_config.params.max_length", default=77)
+    tokenizer = CLIPTokenizer(context_length=length)
+    for n, prompt in enumerate((p for batch in batches for p in batch), start=1):
+        tokens = len(tokenizer.encode(prompt))
+        if tokens > length - 2:
+            raise ValueError(f"prompt {n} is {tokens} tokens; the text encoder reads {length - 2} (pass --truncate "
+                             f"to keep the first {length - 2}): {prompt[:40]!r}...")
 
 
 def image_seeds(opt: argparse.Namespace, batches: list[list[str]]) -> list[list[list[int]]]:
@@ -94,8 +122,9 @@ def image_seeds(opt: argparse.Namespace, batches: list[list[str]]) -> list[list[
 
 def run(opt: argparse.Namespace) -> list[Path]:
     config = load_config([opt.config])
-    check(opt, latent_factor(config))
+    check(opt, pixel_multiple(config))
     batches = read_prompts(opt)
+    check_lengths(batches, config, opt.truncate)
     device = torch.device(opt.device)
     model = load_model(config, None if opt.random_init else opt.ckpt, device, base=opt.base_weights)
     if opt.lora:

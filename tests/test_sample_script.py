@@ -80,8 +80,9 @@ def test_same_seed_same_images_and_plms(tmp_path, tiny_ckpt):
 def test_clear_errors(tmp_path, tiny_ckpt, capsys):
     assert _main("--ckpt", tmp_path / "missing.ckpt", "--outdir", tmp_path / "o") == 2
     assert capsys.readouterr().err.strip() == f"sample.py: error: {tmp_path / 'missing.ckpt'}: checkpoint file not found"
-    assert _main("--ckpt", tiny_ckpt, "--H", 33, "--outdir", tmp_path / "o") == 2
-    assert capsys.readouterr().err.strip() == "sample.py: error: --H 33 must be a multiple of 2"
+    assert _main("--ckpt", tiny_ckpt, "--H", 34, "--outdir", tmp_path / "o") == 2  # a multiple of the VAE's 2 only
+    assert capsys.readouterr().err.strip() == ("sample.py: error: --H 34 must be a positive multiple of 4 (the VAE "
+                                               "factor times the UNet's down-sampling)")
     sd = tiny_model().state_dict()
     del sd["first_stage_model.decoder.conv_out.weight"]
     torch.save({"state_dict": sd}, tmp_path / "bad.ckpt")
@@ -91,6 +92,24 @@ def test_clear_errors(tmp_path, tiny_ckpt, capsys):
     assert "bad.ckpt" in err and "first_stage_model.decoder.conv_out.weight" in err
     assert _main("--ckpt", tiny_ckpt, "--from-file", tmp_path / "none.txt", "--outdir", tmp_path / "o") == 2
     assert capsys.readouterr().err.strip() == f"sample.py: error: {tmp_path / 'none.txt'}: prompt file not found"
+
+
+def test_bad_counts_prompts_and_prompt_files_are_one_line(tmp_path, tiny_ckpt, capsys):
+    (tmp_path / "latin1.txt").write_bytes("a dog\na caf\xe9 by the sea\n".encode("latin-1"))
+    cases = [(("--n_samples", 0), "--n_samples 0: expected a positive integer"),
+             (("--n_iter", 0), "--n_iter 0: expected a positive integer"),
+             (("--ddim_steps", -1), "--ddim_steps -1: expected a positive integer"),
+             (("--W", 0), "--W 0 must be a positive multiple of 4"),
+             (("--prompt", "  "), "--prompt is empty"),
+             (("--prompt", " ".join(["dog"] * 500)), "prompt 1 is 500 tokens; the text encoder reads 75 (pass --truncate"),
+             (("--from-file", tmp_path / "latin1.txt"), "latin1.txt: line 2 is not UTF-8 text")]
+    for args, message in cases:
+        assert _main("--ckpt", tiny_ckpt, "--H", 8, "--W", 8, *args, "--outdir", tmp_path / "o") == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+    assert not (tmp_path / "o").exists()
+    assert _main("--ckpt", tiny_ckpt, "--H", 8, "--W", 8, "--prompt", " ".join(["dog"] * 500), "--truncate",
+                 "--n_samples", 1, "--n_iter", 1, "--ddim_steps", 2, "--outdir", tmp_path / "t") == 0
 
 
 def _png(path):

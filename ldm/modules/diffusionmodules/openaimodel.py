@@ -214,6 +214,7 @@ class UNetModel(nn.Module):
             use_checkpoint=use_checkpoint,
         )
         mults, attn_res = tuple(channel_mult), tuple(attention_resolutions)
+        self.size_multiple = 2 ** (len(mults) - 1)  # each level halves the latent: its sides must divide by this
         self.input_blocks, skips = _input_blocks(
             f, in_channels, model_channels, mults, num_res_blocks, attn_res
         )
