@@ -154,7 +154,7 @@ def reference(size: str, row: Row) -> memory.Job:
     if row.checkpointing:
         unet.enable_gradient_checkpointing()
         if row.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            text_encoder.activation_checkpointing_enable()
     unet.train()
     text_encoder.train(row.train_text_encoder)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
