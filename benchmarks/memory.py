@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -193,7 +194,8 @@ def run_step(job: Job, optimizer: torch.optim.Optimizer | None, precision: str, 
 def _tracked(build: Callable[[], Job], precision: str, fake: bool, sim: Sim) -> Peak:
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     policy = _cuda_autocast_policy() if sim.cuda_autocast else contextlib.nullcontext()
-    with mode:
+    with mode, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Module is None.*")  # ModTracker, for a freed module
         job = build()
         optimizer = prepare_optimizer(job, sim.foreach)
         tracker = _Tracker()

@@ -273,7 +273,6 @@ def run(argv: Sequence[str]) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here (the simulation runs without one: leave --device out)")
     diffusers_logging.set_verbosity_error()  # its advice on casting with .to() is beside the point here
-    warnings.filterwarnings("ignore", message=".*Module is None.*")  # MemTracker, for a freed module
     warnings.filterwarnings("ignore", message=".*self.trainer.*")  # Lightning's log without a Trainer
     print(f"# sd-v1 DreamBooth step ({size}, {RESOLUTION[size]} px, 1 instance + 1 class); "
           f"{machine_line(device)}", flush=True)
