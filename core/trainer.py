@@ -17,6 +17,7 @@ import datetime
 import itertools
 import inspect
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -195,10 +196,26 @@ def make_logdir(opt: argparse.Namespace, resume_logdir: Path | None, now: str) -
     return logdir
 
 
-def save_config(config: DictConfig, logdir: Path, now: str) -> None:
+def save_config(config: DictConfig, logdir: Path, now: str) -> Path:
     """The merged config, interpolations kept (so overrides of ``dreambooth.*`` keep working)."""
-    with atomic_path(logdir / "configs" / f"{now}-project.yaml") as tmp:
+    path = logdir / "configs" / f"{now}-project.yaml"
+    with atomic_path(path) as tmp:
         OmegaConf.save(config, tmp)
+    return path
+
+
+def forget_failed_start(logdir: Path, new_run: bool, config_file: Path | None) -> None:
+    """A run that failed before writing any checkpoint leaves nothing a later run would trust: a new
+    run's folder is removed, a failed resume takes back the config it added."""
+    if config_file is None or not config_file.exists():
+        return
+    since = config_file.stat().st_mtime
+    if any(p.stat().st_mtime >= since for p in (logdir / "checkpoints").glob("*.ckpt")):
+        return  # progress was saved: keep everything
+    if new_run:
+        shutil.rmtree(logdir, ignore_errors=True)
+    else:
+        config_file.unlink(missing_ok=True)
 
 
 # ---- Lightning objects -----------------------------------------------------------------------------
@@ -281,8 +298,17 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
 
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     logdir = make_logdir(opt, resume_logdir, now)
-    if is_rank_zero():
-        save_config(config, logdir, now)
+    config_file = save_config(config, logdir, now) if is_rank_zero() else None
+    try:
+        return train(opt, config, model, data, logdir, resume_ckpt)
+    except BaseException:
+        forget_failed_start(logdir, resume_logdir is None, config_file)
+        raise
+
+
+def train(opt: argparse.Namespace, config: DictConfig, model: Any, data: Any, logdir: Path,
+          resume_ckpt: Path | None) -> int:
+    """Build the Trainer in ``logdir``; fit and/or validate."""
     trainer = build_trainer(config, logdir)
     scale_lr = opt.scale_lr if opt.scale_lr is not None else OmegaConf.select(config, "lightning.scale_lr",
                                                                             default=True)

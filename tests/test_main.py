@@ -216,3 +216,25 @@ def test_a_non_finite_loss_or_step_stops_the_run_and_never_reaches_a_checkpoint(
         assert ckpt["global_step"] <= 2, path
         assert all(v.isfinite().all() for v in ckpt["state_dict"].values() if v.is_floating_point()), path
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_a_run_that_fails_before_any_checkpoint_leaves_nothing_behind(run, files, capsys):
+    """An image that cannot be decoded fails when the data are set up: a new run's folder is removed,
+    and a failed resume does not add another configs/*.yaml to the run."""
+    bad = files["tmp"] / "bad_images"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(make_images(files["tmp"] / "one", 1).joinpath("00.png").read_bytes()[:60])
+    logs = files["tmp"] / "failed_logs"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main.main(base_args(files, **{"-l": str(logs), "--data_root": str(bad)})) == 2
+        assert "a.png" in capsys.readouterr().err
+        assert not logs.exists() or not list(logs.iterdir())
+        configs = sorted((run["dir"] / "configs").glob("*.yaml"))
+        assert main.main(["-r", str(run["dir"]), "-t", f"data.params.train.params.data_root={bad}",
+                          f"lightning.trainer.max_steps={STEPS + 1}"]) == 2
+        assert "a.png" in capsys.readouterr().err
+        assert sorted((run["dir"] / "configs").glob("*.yaml")) == configs
+    finally:
+        torch.set_num_threads(threads)
