@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
+from core.cli import ArgumentParser
 from benchmarks.common import DTYPES, Timing, interleaved, machine_line, markdown_table
 from blip2 import Blip2OPT
 
@@ -51,7 +52,7 @@ class Setup:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="the full opt-2.7b size (default batch 16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from benchmarks.common import DTYPES, Timing, interleaved, machine_line, markdown_table
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from core.cli import ArgumentParser
 from core.config import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ class Setup:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help="full-size sd-v1 UNet at 512x512 (64x64 latents)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")

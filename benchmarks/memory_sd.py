@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 
 from benchmarks import memory
 from benchmarks.common import machine_line, markdown_table
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.config import instantiate_from_config
 from core.optim import ADAMW_DEFAULT_DECAY, optimizer_class
 
@@ -249,7 +249,7 @@ def table(results: list[dict[str, Any]], cuda: bool) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", nargs="+", default=None,
                    help="rows mode/precision/ckpt|nockpt/optimizer, or 'all' (48 rows); default: 8 rows that "
                         "take every factor at every value")

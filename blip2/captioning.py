@@ -128,6 +128,21 @@ def record_writer(path: str | os.PathLike, fields: Sequence[str]) -> Iterator[Ca
             yield lambda record: f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def check_sidecars(images: Sequence[Path], overwrite: bool = False) -> None:
+    """Before any work: no two images share a sidecar (``x.png`` and ``x.jpg`` both write ``x.txt``),
+    and no sidecar that exists (a hand-written caption) is replaced unless ``overwrite``."""
+    owners: dict[Path, Path] = {}
+    for image in images:
+        sidecar = image.with_suffix(".txt")
+        if sidecar in owners:
+            raise ValueError(f"--sidecar: {owners[sidecar]} and {image} would both write {sidecar} (rename one)")
+        owners[sidecar] = image
+    existing = [p for p in owners if p.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"--sidecar: {existing[0]} exists ({len(existing)} of the captions files do); pass "
+                         "--overwrite to replace them")
+
+
 def write_sidecar(image: Path, captions: Sequence[str]) -> Path:
     """Write ``<image stem>.txt`` next to the image (one caption a line), atomically."""
     path = image.with_suffix(".txt")

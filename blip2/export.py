@@ -16,7 +16,6 @@ read by ``blip2.loading.load_blip2``; bad input is one line on stderr and exit s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,7 +26,7 @@ from blip2.config import normalize_config
 from blip2.hub import GENERATION_FILE, TIED
 from blip2.loading import load_blip2
 from blip2.modules.blip2_opt import Blip2OPT
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.weights import atomic_path, save_checkpoint
 
 
@@ -88,7 +87,7 @@ def export_checkpoint(ckpt: str | os.PathLike, folder: str | os.PathLike, tokeni
 
 
 def run(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(description="Blip2OPTFinetune checkpoint -> Hugging Face folder")
+    p = ArgumentParser(description="Blip2OPTFinetune checkpoint -> Hugging Face folder")
     p.add_argument("--ckpt", required=True, help="training checkpoint (last.ckpt)")
     p.add_argument("--tokenizer", required=True, help="folder with the tokenizer files (e.g. the base HF folder)")
     p.add_argument("--out", required=True, help="output folder")

@@ -3,8 +3,9 @@ exit status 2 (argparse's own usage errors exit 2 too). 1 is kept for partial su
 entry point documents (``caption.py``: some images could not be read)."""
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from omegaconf.errors import OmegaConfBaseException
 
@@ -12,6 +13,13 @@ USAGE_ERROR = 2
 # errors that mean "bad input": their message names the file, key or value (CheckpointError and
 # ImageLoadError are ValueErrors)
 INPUT_ERRORS = (ValueError, FileNotFoundError, KeyError, OmegaConfBaseException)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (``<prog>: error: <message> (see --help)``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def first_line(err: BaseException) -> str:

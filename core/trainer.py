@@ -32,7 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from core.callbacks.checkpointing import AtomicCheckpointIO, RankSeed, ResumableCheckpoint
 from core.callbacks.finite import StopOnNonFinite
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.config import check_params, get_obj_from_str, instantiate_from_config, load_config
 from core.weights import CheckpointError, atomic_path
 
@@ -51,7 +51,7 @@ def str2bool(v: str) -> bool:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-b", "--base", nargs="*", default=[], metavar="base_config.yaml",
                    help="configs merged left to right (later ones override)")
     p.add_argument("-t", "--train", action="store_true", help="train")

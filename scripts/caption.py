@@ -30,11 +30,13 @@ from tqdm import tqdm
 
 from blip2.captioning import (
     VQA_TEMPLATE, batches, collect_inputs, describe, load_batch, read_questions, record_writer, records,
+    check_sidecars,
     write_sidecar,
 )
 from blip2.loading import load_blip2
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.config import DTYPES
+from core.weights import check_output
 
 GENERATION_FLAGS = {  # name: type; None leaves the model's generation config in charge
     "num_beams": int, "max_new_tokens": int, "min_new_tokens": int, "length_penalty": float,
@@ -44,7 +46,7 @@ GENERATION_FLAGS = {  # name: type; None leaves the model's generation config in
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files, folders or list files")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a Hugging Face BLIP-2 OPT folder, or a Lightning checkpoint of main.py")
@@ -69,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="captions.jsonl", help="JSONL, or CSV when the name ends in .csv")
     p.add_argument("--sidecar", action="store_true", help="also write <image stem>.txt next to each image")
+    p.add_argument("--overwrite", action="store_true", help="with --sidecar: replace caption files that exist")
     return p.parse_args(argv)
 
 
@@ -121,6 +124,9 @@ def run(opt: argparse.Namespace) -> int:
     questions = read_questions(opt.question, opt.questions)
     check(opt, questions)
     paths = collect_inputs(opt.inputs)
+    check_output(opt.output, "--output", overwrite=True, inputs=paths)  # a new captions file replaces the old
+    if opt.sidecar:
+        check_sidecars(paths, opt.overwrite)
     model, processor = load_blip2(opt.model or opt.ckpt or opt.lavis, opt.config, tokenizer=opt.tokenizer,
                                   dtype=DTYPES[opt.dtype], device=opt.device, image_size=opt.image_size,
                                   vit=opt.vit, opt=opt.opt)

@@ -27,7 +27,7 @@ from blip2.evaluation.partial import PartialResults, fingerprint, flatten
 from blip2.evaluation.runner import generate_missing, write_json
 from blip2.evaluation.tasks import TASKS, Task
 from blip2.loading import load_blip2
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.config import DTYPES
 
 PARTIAL, RESULTS, METRICS = "results.partial.jsonl", "results.json", "metrics.json"
@@ -37,7 +37,7 @@ LEFT_OUT = "METEOR and SPICE need Java (coco-caption) and are not computed"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=sorted(TASKS))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a Hugging Face BLIP-2 OPT folder")

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.config import DTYPES, load_config
 from core.weights import check_output
 from ldm.export import check_new_folder, export, save_diffusers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="training checkpoint (Lightning last.ckpt) or any sd-v1 .ckpt / .safetensors")
     p.add_argument("out", help="output file: .safetensors or .ckpt")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.config import DTYPES, load_config
 from core.weights import check_output
 from ldm.export import export_weights, read_training_checkpoint
@@ -23,7 +23,7 @@ from ldm.modules.lora import LoRAConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="training checkpoint of a LoRA run (Lightning last.ckpt)")
     p.add_argument("--config", required=True, help="the run's config (its model.params.lora gives alpha)")
     p.add_argument("--kohya", metavar="FILE", help="write the adapters here, kohya format (.safetensors)")

@@ -24,12 +24,12 @@ from blip2.captioning import batches, collect_inputs
 from blip2.loading import load_blip2
 from blip2.modules.blip2_qformer import Blip2Qformer
 from blip2.processors import Blip2ImageProcessor
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.images import load_rgb
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a Hugging Face Blip2ForImageTextRetrieval folder")
     src.add_argument("--config", help="a yaml whose 'model' builds a Blip2Qformer or Blip2Stage1 (with --ckpt)")

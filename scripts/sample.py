@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.config import load_config
 from core.images import make_grid, next_index, save_png
 from ldm.loading import load_model, pixel_multiple
@@ -32,7 +32,7 @@ from ldm.txt2img import sampling_mode, txt2img
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default="a painting of a virus monster playing guitar")
     p.add_argument("--from-file", dest="from_file", help="one prompt per line (overrides --prompt)")
     p.add_argument("--negative_prompt", default="", help="the unconditional prompt of the guidance")

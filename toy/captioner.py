@@ -9,7 +9,6 @@ bos + caption + "\\n" after the queries (``blip2.losses.caption_lm``) on ``ToyCa
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from blip2.data.captions import MODES
 from blip2 import Blip2OPT
 from blip2.processors import CLIP_MEAN, CLIP_STD, Blip2ImageProcessor
 from blip2.models.finetune import Blip2OPTFinetune
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from toy.shapes import BACKGROUNDS, COLOURS, SHAPES, render, scene_of
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0, 1, 2, 3
@@ -131,7 +130,7 @@ class ToyBlip2Finetune(Blip2OPTFinetune):
 
 
 def run(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m toy.captioner",
+    p = ArgumentParser(prog="python -m toy.captioner",
                                 description="The toy BLIP-2 captioner's caption tokenizer.")
     sub = p.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokenizer", help="train the caption tokenizer on the training captions")

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.config import load_config
 from ldm.txt2img import sampling_mode, txt2img
 from ldm.loading import load_model
@@ -198,7 +198,7 @@ def evaluate(opt: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=str(ROOT / "models/toy/sd.safetensors"), help="the toy base model")
     p.add_argument("--captioner", default=str(ROOT / "models/toy/blip2"), help="the toy BLIP-2 folder")
     p.add_argument("--subject", default=str(ROOT / "data/toy_subject"), help="the subject photos (PNG)")

@@ -11,7 +11,6 @@ width): the toy analog of CLIP-I / DINO similarity. Captioning decodes greedily 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from PIL import Image
 from blip2 import Blip2OPT
 from blip2.loading import load_blip2
 from blip2.processors import Blip2ImageProcessor
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from toy import ROOT
 from toy.shapes import ATTRIBUTES, BACKGROUNDS, COLOURS, SHAPES, render, scene_of
 
@@ -103,7 +102,7 @@ def caption_accuracy(model: Blip2OPT, split: str = "test", num: int = 200, seed:
 
 
 def run(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m toy.judge",
+    p = ArgumentParser(prog="python -m toy.judge",
                                 description="The toy BLIP-2 captioner as a judge: its caption accuracy.")
     sub = p.add_subparsers(dest="command", required=True)
     acc = sub.add_parser("accuracy", help="attribute-level caption accuracy on held-out scenes (JSON)")

@@ -17,7 +17,6 @@ with a yellow dot in its centre) that the training split never shows.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from core.cli import run_cli
+from core.cli import ArgumentParser, run_cli
 from core.images import to_array
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 225), "yellow": (240, 205, 40),
@@ -182,7 +181,7 @@ def write_images(scenes: Sequence[Scene], out: Path, resolution: int, captions: 
 
 
 def run(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m toy.shapes",
+    p = ArgumentParser(prog="python -m toy.shapes",
                                 description="Write toy shapes images (a split, or the DreamBooth subject).")
     p.add_argument("--out", help="folder for a split's PNGs and captions.jsonl")
     p.add_argument("--subject", help="folder for the subject's photos (captions.jsonl not written)")
