@@ -65,6 +65,17 @@ def _check_text(text: Mapping[str, Any]) -> None:
         raise ConfigError("text_config.word_embed_proj_dim must equal hidden_size (project_in/out is OPT-350m only)")
 
 
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+               "image_size", "patch_size", "vocab_size")
+SECTIONS = {"vision_config": VISION_DEFAULTS, "qformer_config": QFORMER_DEFAULTS, "text_config": OPT_DEFAULTS}
+
+
+def defaulted_sizes(raw: Mapping[str, Any]) -> list[str]:
+    """The size fields a raw config leaves to transformers' defaults, as ``section.field=default``."""
+    return [f"{section}.{field}={defaults[field]}" for section, defaults in SECTIONS.items()
+            for field in SIZE_FIELDS if field in defaults and field not in (raw.get(section) or {})]
+
+
 def normalize_config(config: Mapping[str, Any] | Any) -> dict[str, Any]:
     """A ``Blip2Config`` object or dict -> a dict of the same fields with every default filled."""
     raw = config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(dict(config))

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from blip2.config import defaulted_sizes
 from blip2.generation import GenerationSettings, supported_fields
 from blip2.processors import CLIP_MEAN, CLIP_STD, PREPROCESSOR_FILE, processor_args
 from core.cli import first_line
@@ -120,4 +121,11 @@ def load_pretrained(cls: type, folder: str | os.PathLike, dtype: torch.dtype, de
     model.generation_defaults = generation_defaults(folder)
     if torch.device(device).type == "meta":
         return model.eval()
-    return load_safetensors(model, folder, device).eval()
+    try:
+        return load_safetensors(model, folder, device).eval()
+    except CheckpointError as err:
+        unset = defaulted_sizes(config)
+        if "wrong shapes" not in str(err) or not unset:
+            raise
+        raise CheckpointError(f"{first_line(err)}; {folder / 'config.json'} leaves sizes to transformers' defaults: "
+                              f"{', '.join(unset[:4])}{' ...' if len(unset) > 4 else ''}") from None

@@ -44,6 +44,7 @@ INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampl
                   "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
                   "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
 MAX_LISTED = 10
+MAX_UPSCALE = 4  # a smaller image is refused: its short side times this must reach the resolution
 
 
 def fill_template(template: str, identifier: str | None, class_word: str | None) -> str:
@@ -165,6 +166,12 @@ class PersonalizedBase(Dataset):
                              f"{len(uncaptioned)} images have no caption sidecar, e.g. {uncaptioned[0].name}")
 
     def _warn_small(self) -> None:
+        tiny = [(p, w, h) for p, (w, h) in zip(self.paths, self.sizes) if min(w, h) * MAX_UPSCALE < self.resolution]
+        if tiny:
+            p, w, h = tiny[0]
+            raise ValueError(f"{p}: {w}x{h} pixels, too small for resolution={self.resolution} (at least "
+                             f"{-(-self.resolution // MAX_UPSCALE)} px a side: more than {MAX_UPSCALE}x upscaling "
+                             f"trains on blur); {len(tiny)} such images in {self.root}")
         small = [p for p, (w, h) in zip(self.paths, self.sizes) if min(w, h) < self.resolution]
         if small:
             warnings.warn(f"{self.root}: {len(small)} images are smaller than resolution={self.resolution} and "
