@@ -31,14 +31,16 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from blip2.hub import assign_weights, load_pretrained, load_tokenizer
+from blip2.hub import TIED, assign_weights, load_pretrained, load_tokenizer
 from blip2.lavis import load_lavis_opt, load_lavis_stage1
 from blip2.modules.blip2_opt import Blip2OPT
 from blip2.modules.blip2_qformer import Blip2Qformer
 from blip2.processors import PREPROCESSOR_FILE, Blip2ImageProcessor
 from blip2.stage1_weights import load_retrieval_folder
 from core.config import instantiate_from_config, load_config
-from core.weights import SAFETENSORS_SUFFIXES, CheckpointError, load_checkpoint, load_state_dict, load_strict
+from core.lean import BASE_KEY, check_base
+from core.weights import (SAFETENSORS_SUFFIXES, CheckpointError, load_checkpoint, load_state_dict, load_strict,
+                          open_folder, raise_mismatch)
 
 MODEL_PREFIX = "model."  # our systems hold their network as ``self.model``
 START_WEIGHTS = ("vision_weights", "bert_weights")  # Blip2Stage1's: the weight file replaces them
@@ -174,7 +176,25 @@ def _from_training_checkpoint(network: type[nn.Module], source: Path, tokenizer:
                               "give the config that builds its model")
     model = Blip2OPT.from_config(obj["blip2_config"], device="meta", tokenizer=_checkpoint_tokenizer(obj, source,
                                                                                                      tokenizer))
-    return _load_weights(model, source, network_state(obj["state_dict"]), dtype, device)
+    state = network_state(obj["state_dict"])
+    if BASE_KEY not in obj:
+        return _load_weights(model, source, state, dtype, device)
+    return _load_lean(model, source, state, obj[BASE_KEY], dtype, device)
+
+
+def _load_lean(model: Blip2OPT, source: Path, state: Mapping[str, torch.Tensor], reference: Mapping[str, Any],
+               dtype: torch.dtype, device: str | torch.device) -> Blip2OPT:
+    """A lean checkpoint (``core.lean``): its weights, and the frozen ones from the checked base folder."""
+    folder, readers = open_folder(check_base(reference, str(source)))
+    left_out = {key.removeprefix(MODEL_PREFIX) for key in reference["keys"]}
+    absent = [k for k in sorted(left_out) if k not in readers and not (k in TIED and set(TIED) & set(readers))]
+    raise_mismatch(folder, f"the base of {source}", absent, [])
+
+    def get(key: str) -> torch.Tensor:
+        return state[key] if key in state else readers[key]()
+
+    keys = set(state) | {k for k in left_out if k in readers}
+    return assign_weights(model.set_precision(dtype), str(source), keys, get, device)
 
 
 def _checkpoint_tokenizer(obj: Mapping[str, Any], source: Path, tokenizer: str | os.PathLike | None) -> Any:

@@ -1,11 +1,13 @@
 """Lean training checkpoints: the weights that change, and a reference to the base file for the rest.
 
-A system fine-tuned from a base weight file (DreamBooth from sd-v1) keeps much of it frozen: the VAE,
-the text encoder when it is not trained, the UNet under LoRA adapters. Its checkpoints leave those
-tensors out of ``state_dict`` and say where they are, under ``base_weights``:
+A system fine-tuned from a base weight file (DreamBooth from sd-v1) or folder (BLIP-2 from a Hugging
+Face folder) keeps much of it frozen: the VAE, the text encoder when it is not trained, the UNet under
+LoRA adapters; BLIP-2's ViT and OPT. Its checkpoints leave those tensors out of ``state_dict`` and say
+where they are, under ``base_weights``:
 
-    {"path": the base file (absolute), "sha256": its content, "size": its bytes,
-     "keys": the state-dict keys left out, each the base file's tensor of that key}
+    {"path": the base file or folder (absolute), "sha256": its content (a folder: its files' names
+     and hashes), "size": its bytes, "keys": the state-dict keys left out, each the base's tensor of
+     that key (in the system's own names: each system completes its checkpoints from its base)}
 
 1. Frozen: a parameter with ``requires_grad`` False (the EMA shadows trainable parameters only, so
    no frozen tensor is EMA'd). Buffers are always kept: the schedule, ``scale_factor``, the EMA.
@@ -42,13 +44,31 @@ def _hash_file(path: Path) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of the file's bytes, cached by (resolved path, size, mtime)."""
+    """The sha256 of the file's bytes, cached by (resolved path, size, mtime). A folder (a Hugging Face
+    model folder) hashes its files' names and hashes, in name order."""
     path = Path(path).resolve()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for name, file in _folder_files(path):
+            digest.update(f"{name}\0{file_sha256(file)}\n".encode())
+        return digest.hexdigest()
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _hashes:
         _hashes[key] = _hash_file(path)
     return _hashes[key]
+
+
+def _folder_files(folder: Path) -> list[tuple[str, Path]]:
+    """The regular files under ``folder`` (hidden ones skipped), by relative name."""
+    files = [p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".")
+                                                                    for part in p.relative_to(folder).parts)]
+    return sorted((p.relative_to(folder).as_posix(), p) for p in files)
+
+
+def content_size(path: Path) -> int:
+    """Bytes of a file, or of a folder's files."""
+    return sum(f.stat().st_size for _, f in _folder_files(path)) if path.is_dir() else path.stat().st_size
 
 
 def frozen_keys(module: nn.Module, keep: tuple[str, ...] = ()) -> list[str]:
@@ -60,7 +80,7 @@ def frozen_keys(module: nn.Module, keep: tuple[str, ...] = ()) -> list[str]:
 def base_reference(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, Any]:
     """The ``base_weights`` entry of a checkpoint whose ``keys`` are those of the file at ``path``."""
     path = Path(path).resolve()
-    return {"path": str(path), "sha256": file_sha256(path), "size": path.stat().st_size, "keys": list(keys)}
+    return {"path": str(path), "sha256": file_sha256(path), "size": content_size(path), "keys": list(keys)}
 
 
 def make_lean(checkpoint: dict[str, Any], module: nn.Module, base: str | os.PathLike,
@@ -78,8 +98,10 @@ def make_lean(checkpoint: dict[str, Any], module: nn.Module, base: str | os.Path
 def check_base(reference: Mapping[str, Any], source: str, base: str | os.PathLike | None = None) -> Path:
     """The base file of ``reference`` (or ``base``, its new place), when it is there and holds the recorded
     content; else one ``CheckpointError`` line."""
+    if base is not None and Path(base).resolve() == Path(reference["path"]):
+        base = None  # the recorded place itself
     path = Path(reference["path"] if base is None else base)
-    if not path.is_file():
+    if not path.exists():
         if base is not None:
             raise CheckpointError(f"{source}: the base weights given, {path}, are not there")
         raise CheckpointError(f"{source}: its base weights {path} are not there (moved or deleted?); the checkpoint "
@@ -87,7 +109,7 @@ def check_base(reference: Mapping[str, Any], source: str, base: str | os.PathLik
                               "give its new place with --base_weights FILE (on resume: --actual_resume FILE)")
     found = file_sha256(path)
     if found != reference["sha256"]:
-        what = "have changed" if base is None else "are not the file it was trained from"
+        what = "have changed" if base is None else "are not those it was trained from"
         raise CheckpointError(f"{source}: its base weights {path} {what} (sha256 {found}, trained from "
                               f"{reference['sha256']}): refused, the frozen weights would not be those it was trained with")
     return path

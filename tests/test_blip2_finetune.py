@@ -344,3 +344,49 @@ def test_export_loads_in_blip2_and_transformers(folder, tmp_path):
     assert rel_err(logits[valid], expected[valid]) <= 1e-5 and torch.equal(logits, trained_logits)
     shutil.rmtree(out)
     assert export_main(["--ckpt", str(tmp_path / "none.ckpt"), "--tokenizer", str(folder), "--out", str(out)]) == 2
+
+
+def test_checkpoints_are_lean_and_complete_from_the_base_folder(folder, tmp_path):
+    """Stage 2 / fine-tuning checkpoints hold what trains; the frozen ViT and OPT come back from the
+    pretrained folder (exactly: not the bf16 copies training used), checked by content on every read."""
+    from safetensors.torch import load_file, save_file
+
+    from core.lean import BASE_KEY, file_sha256
+    from core.weights import CheckpointError, load_checkpoint
+
+    base = tmp_path / "base"
+    shutil.copytree(folder, base)
+    module = Blip2OPTFinetune(pretrained=str(base), freeze_vit=True, prompt=PROMPT, learning_rate=1e-2,
+                              frozen_dtype="bf16")
+    data = loader(squares(tmp_path / "data", 16, 0))
+    trainer = make_trainer(max_steps=2, max_epochs=1, precision="bf16-mixed")
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    ckpt = load_checkpoint(tmp_path / "last.ckpt")
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    assert any(k.startswith("model.language_model.") for k in frozen) and not frozen & set(ckpt["state_dict"])
+    assert set(ckpt["state_dict"]) | frozen == set(module.state_dict())
+    assert ckpt[BASE_KEY]["path"] == str(base.resolve()) and ckpt[BASE_KEY]["sha256"] == file_sha256(base)
+    assert set(ckpt[BASE_KEY]["keys"]) == frozen
+
+    trained, start = module.model.state_dict(), Blip2OPT.from_pretrained(base).state_dict()
+    direct = Blip2OPT.from_pretrained(tmp_path / "last.ckpt").state_dict()
+    for key, value in direct.items():
+        expected = start[key] if f"model.{key}" in frozen else trained[key].float()
+        assert torch.equal(value, expected), key
+
+    fresh = Blip2OPTFinetune(pretrained=str(base), freeze_vit=True, prompt=PROMPT, learning_rate=1e-2,
+                             frozen_dtype="bf16")
+    resumed = make_trainer(max_steps=3, max_epochs=2, precision="bf16-mixed")
+    resumed.fit(fresh, data, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.global_step == 3
+
+    weights = load_file(str(base / "model.safetensors"))
+    key = next(k for k in weights if k.startswith("language_model."))
+    weights[key] = weights[key] + 1
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="base weights .*base have changed"):
+        Blip2OPT.from_pretrained(tmp_path / "last.ckpt")
+    changed = Blip2OPTFinetune(pretrained=str(base), freeze_vit=True, prompt=PROMPT)
+    with pytest.raises(CheckpointError, match="have changed"):
+        make_trainer(max_steps=3, max_epochs=2, precision="bf16-mixed").fit(changed, data, ckpt_path=str(tmp_path / "last.ckpt"))

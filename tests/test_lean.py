@@ -157,7 +157,7 @@ def test_a_moved_base_is_given_by_its_new_place(run, tmp_path):
     other = base_checkpoint(tmp_path / "other.ckpt", seed=2)
     for read in (lambda: export(moved_ckpt, tmp_path / "d.safetensors", base=other),
                  lambda: load_model(run["cfg"], moved_ckpt, base=other)):
-        with pytest.raises(CheckpointError, match="other.ckpt are not the file it was trained from") as err:
+        with pytest.raises(CheckpointError, match="other.ckpt are not those it was trained from") as err:
             read()
         assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="is complete"):
