@@ -145,13 +145,18 @@ class DDPM(pl.LightningModule):
         ``snr_gamma`` each sample weighted by min(SNR(t), gamma) / SNR(t) (logged loss_simple: unweighted)."""
         noise = offset_noise(x_start, self.noise_offset) if noise is None else noise
         eps = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
+        loss, per_sample = self.eps_loss(eps, noise, t)
+        prefix = "train" if self.training else "val"
+        return loss, {f"{prefix}/loss_simple": per_sample.mean().detach(), f"{prefix}/loss": loss.detach()}
+
+    def eps_loss(self, eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of ``p_losses`` from the predicted ``eps`` of ``noise`` at ``t``: (weighted mean, unweighted
+        per-sample MSE). Systems that batch several terms through one forward split ``eps`` and call this per term."""
         per_sample = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
         weighted = per_sample
         if self.snr_gamma is not None:
             weighted = per_sample * min_snr_weight(self.alphas_cumprod, t, self.snr_gamma)
-        loss = self.l_simple_weight * weighted.mean()
-        prefix = "train" if self.training else "val"
-        return loss, {f"{prefix}/loss_simple": per_sample.mean().detach(), f"{prefix}/loss": loss.detach()}
+        return self.l_simple_weight * weighted.mean(), per_sample
 
     def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return torch.randint(0, self.num_timesteps, (batch_size,), device=device).long()
