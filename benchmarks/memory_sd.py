@@ -4,9 +4,10 @@ The step: a batch of 1 instance + 1 class image (2 through the text encoder and 
 VAE encodes the images, eps-loss of both halves, instance + prior loss, backward, optimizer step.
 Ours is our ``DreamBooth`` built from ``configs/dreambooth.yaml`` running its own ``training_step``
 and ``configure_optimizers``, its frozen weights cast to the autocast dtype under mixed precision
-(``frozen_dtype``, as diffusers' ``weight_dtype``; fp32 rows: fp32). The reference is diffusers' ``UNet2DConditionModel`` (sd-v1 config) +
-transformers' ``CLIPTextModel`` (ViT-L/14 text) + diffusers' ``AutoencoderKL``, built from configs
-(no download), doing the step of diffusers' ``train_dreambooth.py`` / ``train_dreambooth_lora.py``
+(``frozen_dtype``, as diffusers' ``weight_dtype``; fp32 rows: fp32). The reference is diffusers'
+``UNet2DConditionModel`` (sd-v1 config) + transformers' ``CLIPTextModel`` (ViT-L/14 text) +
+diffusers' ``AutoencoderKL``, built from configs (no download), doing the step of diffusers'
+``train_dreambooth.py`` / ``train_dreambooth_lora.py``
 (one concatenated forward; frozen models stored in the mixed-precision dtype, trained ones in
 float32, LoRA adapters through peft in float32) with the same optimizer class and settings.
 
