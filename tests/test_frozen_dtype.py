@@ -23,14 +23,14 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 LORA = {"rank": 2, "alpha": 2, "unet_targets": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": False}
 
 
-def fit(model, folder, precision: str = "bf16-mixed", callbacks=()) -> pl.Trainer:
-    batches = [{"instance": part(1, INSTANCE, i), "class": part(1, CLASS, 9 + i)} for i in range(2)]
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, precision=precision, logger=False,
+def fit(model, folder, precision: str = "bf16-mixed", callbacks=(), steps: int = 2, ckpt_path=None) -> pl.Trainer:
+    batches = [{"instance": part(1, INSTANCE, i), "class": part(1, CLASS, 9 + i)} for i in range(steps)]
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision=precision, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          default_root_dir=folder, callbacks=list(callbacks))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+        trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -43,7 +43,8 @@ def run(tmp_path_factory):
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer = fit(model, tmp, callbacks=[ExportOnTrainEnd(logdir=str(tmp))])
     trainer.save_checkpoint(tmp / "lean.ckpt")
-    return {"tmp": tmp, "base": load_checkpoint(base)["state_dict"], "model": model, "start": start}
+    return {"tmp": tmp, "base": load_checkpoint(base)["state_dict"], "model": model, "start": start,
+            "base_path": base}
 
 
 def test_frozen_weights_are_bf16_while_fitting_and_the_adapters_fp32_and_trained(run):
@@ -70,6 +71,16 @@ def test_export_holds_the_base_files_exact_frozen_weights_and_fp32_trained_ones(
     lean = load_checkpoint(run["tmp"] / "lean.ckpt")
     assert not set(model.cast_keys) & set(lean["state_dict"])  # checkpoints leave them out (core.lean)
     assert all(v.dtype == torch.float32 for v in lean["state_dict"].values() if v.is_floating_point())
+
+
+def test_a_lean_checkpoint_resumes_with_the_frozen_weights_cast_again(run):
+    _, model = dreambooth_from(run["base_path"], frozen_dtype="bf16", lora=LORA, train_text_encoder=False,
+                               use_ema=False)
+    fit(model, run["tmp"] / "resumed", steps=3, ckpt_path=run["tmp"] / "lean.ckpt")
+    assert model.global_step == 3 and set(model.cast_keys) == set(run["model"].cast_keys)
+    params = dict(model.named_parameters())
+    assert all(params[k].dtype == torch.bfloat16 for k in model.cast_keys)
+    assert all(torch.equal(params[k], run["base"][k].bfloat16()) for k in model.cast_keys)
 
 
 def test_a_model_with_bf16_frozen_weights_samples_on_cpu_close_to_fp32(run):
