@@ -3,9 +3,11 @@
 The step: a batch of 1 instance + 1 class image (2 through the text encoder and the UNet); the frozen
 VAE encodes the images, eps-loss of both halves, instance + prior loss, backward, optimizer step.
 Ours is our ``DreamBooth`` built from ``configs/dreambooth.yaml`` running its own ``training_step``
-and ``configure_optimizers``. The reference is diffusers' ``UNet2DConditionModel`` (sd-v1 config) +
-transformers' ``CLIPTextModel`` (ViT-L/14 text) + diffusers' ``AutoencoderKL``, built from configs
-(no download), doing the step of diffusers' ``train_dreambooth.py`` / ``train_dreambooth_lora.py``
+and ``configure_optimizers``, its frozen weights cast to the autocast dtype under mixed precision
+(``frozen_dtype``, as diffusers' ``weight_dtype``; fp32 rows: fp32). The reference is diffusers'
+``UNet2DConditionModel`` (sd-v1 config) + transformers' ``CLIPTextModel`` (ViT-L/14 text) +
+diffusers' ``AutoencoderKL``, built from configs (no download), doing the step of diffusers'
+``train_dreambooth.py`` / ``train_dreambooth_lora.py``
 (one concatenated forward; frozen models stored in the mixed-precision dtype, trained ones in
 float32, LoRA adapters through peft in float32) with the same optimizer class and settings.
 
@@ -40,7 +42,7 @@ from omegaconf import OmegaConf
 from benchmarks import memory
 from benchmarks.common import machine_line, markdown_table
 from core.cli import ArgumentParser, run_cli
-from core.config import instantiate_from_config
+from core.config import DTYPES, instantiate_from_config
 from core.optim import ADAMW_DEFAULT_DECAY, optimizer_class
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +103,14 @@ def model_config(size: str, row: Row) -> dict:
     params.train_text_encoder = row.train_text_encoder
     params.optimizer = row.optimizer
     params.lora = None if row.lora_rank is None else {"rank": row.lora_rank}
+    params.frozen_dtype = frozen_dtype(row)
     return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def frozen_dtype(row: Row) -> str:
+    """The frozen weights in the autocast dtype under mixed precision (diffusers' weight_dtype), else fp32."""
+    dtype = memory.PRECISIONS[row.precision] or torch.float32
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def images(size: str) -> list[torch.Tensor]:
@@ -113,6 +122,7 @@ def images(size: str) -> list[torch.Tensor]:
 # ---- ours ---------------------------------------------------------------------------------------
 def ours(size: str, row: Row) -> memory.Job:
     model = instantiate_from_config(model_config(size, row))
+    model.cast_frozen(without_base=True)  # as on_fit_start would for a run from a base file
     model.learning_rate = LR
     model.train()
     instance, klass = images(size)

@@ -10,6 +10,9 @@ evaluation, so the same prompt, seed and settings give the same image in every e
    generator on the model's device seeded by its own seed, so an image still depends on its seed only.
 4. The VAE decodes the latents to uint8 pixels.
 
+A model that stores weights in 16 bit (``frozen_dtype`` while fitting) samples under autocast to
+that dtype on its device, unless a 16-bit autocast is already on (``ClassImageSampler``'s).
+
 The global RNG is never drawn from, and ``sampling_mode`` restores its state anyway, so a training
 run that samples images draws the same training noise as one that does not.
 """
@@ -47,6 +50,16 @@ def sampling_mode(model: Any) -> Iterator[None]:
             model.train(was_training)
 
 
+def weights_autocast(model: Any) -> contextlib.AbstractContextManager:
+    """Autocast to the dtype of the model's 16-bit weights, if it has any and no 16-bit autocast is on."""
+    half = (torch.float16, torch.bfloat16)
+    low = [p.dtype for p in model.parameters() if p.dtype in half]
+    device = model.device.type
+    if not low or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in half):
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=low[0])
+
+
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
     """x_T of each image from its own CPU generator (step 1): (N, C, h, w)."""
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
@@ -81,10 +94,11 @@ def txt2img(model: Any, prompts: Sequence[str], seeds: Sequence[int], H: int, W:
     factor = model.first_stage_model.factor
     shape = (model.channels, H // factor, W // factor)
     x_T = initial_noise(seeds, shape, model.device)  # (N, C, h, w)
-    c = model.get_learned_conditioning(list(prompts))  # (N, 77, D)
-    uc = model.get_learned_conditioning([negative_prompt] * len(prompts)) if scale != 1.0 else None
-    generator = torch.Generator(model.device).manual_seed(int(seeds[0]))
-    z, _ = SAMPLERS[sampler](model).sample(S=steps, batch_size=len(prompts), shape=shape, conditioning=c,
-                                           unconditional_guidance_scale=scale, unconditional_conditioning=uc,
-                                           eta=eta, x_T=x_T, generator=generator, verbose=False)
-    return to_uint8(model.decode_first_stage(z))  # (N, H, W, 3)
+    with weights_autocast(model):
+        c = model.get_learned_conditioning(list(prompts))  # (N, 77, D)
+        uc = model.get_learned_conditioning([negative_prompt] * len(prompts)) if scale != 1.0 else None
+        generator = torch.Generator(model.device).manual_seed(int(seeds[0]))
+        z, _ = SAMPLERS[sampler](model).sample(S=steps, batch_size=len(prompts), shape=shape, conditioning=c,
+                                               unconditional_guidance_scale=scale, unconditional_conditioning=uc,
+                                               eta=eta, x_T=x_T, generator=generator, verbose=False)
+        return to_uint8(model.decode_first_stage(z))  # (N, H, W, 3)

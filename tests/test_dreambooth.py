@@ -55,6 +55,36 @@ def eps_loss_by_hand(model, half: dict) -> torch.Tensor:
     return ((eps - noise) ** 2).mean()
 
 
+def eps_losses_by_hand(model, *halves: dict) -> list[torch.Tensor]:
+    """The eps loss of each half, the draws in the documented order (posterior sample, t, eps per half,
+    the halves in order) and one UNet forward on the concatenated halves."""
+    zs, ts, noises = [], [], []
+    for half in halves:
+        x = rearrange(half["image"], "b h w c -> b c h w").contiguous()
+        zs.append(0.18215 * model.first_stage_model.encode(x).sample())
+        ts.append(torch.randint(0, 1000, (x.shape[0],)))
+        noises.append(torch.randn_like(zs[-1]))
+    z, t, noise = torch.cat(zs), torch.cat(ts), torch.cat(noises)
+    abar = model.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = abar.sqrt() * z + (1 - abar).sqrt() * noise
+    c = model.cond_stage_model.encode([p for half in halves for p in half["caption"]])
+    eps = model.model.diffusion_model(x_t, t, context=c)
+    sizes = [len(half["caption"]) for half in halves]
+    return [((e - n) ** 2).mean(dim=(1, 2, 3)).mean() for e, n in zip(eps.split(sizes), noise.split(sizes))]
+
+
+def test_one_unet_forward_per_step_on_both_halves_concatenated():
+    model, batch = dreambooth(), pair(2)
+    calls = []
+    hook = model.model.diffusion_model.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
+    try:
+        model.training_step(batch, 0)
+        model.training_step({"instance": batch["instance"]}, 0)
+    finally:
+        hook.remove()
+    assert calls == [4, 2]
+
+
 def unet_grad(model, batch: dict, seed: int = 5) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)

@@ -29,7 +29,8 @@ class ExportOnTrainEnd(pl.Callback):
             return
         path = Path(self.logdir or trainer.default_root_dir) / self.filename
         path.parent.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        state = pl_module.exact_state_dict() if hasattr(pl_module, "exact_state_dict") else pl_module.state_dict()
+        weights = {k: v.detach().cpu() for k, v in state.items()}  # frozen weights exact, never the 16-bit copies
         step = trainer.global_step
         if has_adapters(weights):  # LoRA: the adapters as a kohya file next to it, merged into the export
             alpha = pl_module.lora.scale_alpha

@@ -20,11 +20,11 @@ from torch import nn
 
 from core.optim import build_optimizer, check_optimizer
 from core.lean import BASE_KEY, frozen_keys, full_state_dict, make_lean, restore_state
-from core.weights import load_strict
+from core.weights import CheckpointError, load_strict
 from ldm import compat
 from ldm.models.diffusion.schedule import make_beta_schedule, min_snr_weight, offset_noise, q_sample, schedule_buffers
 from ldm.modules.ema import LitEma
-from core.config import instantiate_from_config
+from core.config import DTYPES, instantiate_from_config
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +145,18 @@ class DDPM(pl.LightningModule):
         ``snr_gamma`` each sample weighted by min(SNR(t), gamma) / SNR(t) (logged loss_simple: unweighted)."""
         noise = offset_noise(x_start, self.noise_offset) if noise is None else noise
         eps = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
+        loss, per_sample = self.eps_loss(eps, noise, t)
+        prefix = "train" if self.training else "val"
+        return loss, {f"{prefix}/loss_simple": per_sample.mean().detach(), f"{prefix}/loss": loss.detach()}
+
+    def eps_loss(self, eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of ``p_losses`` from the predicted ``eps`` of ``noise`` at ``t``: (weighted mean, unweighted
+        per-sample MSE). Systems that batch several terms through one forward split ``eps`` and call this per term."""
         per_sample = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
         weighted = per_sample
         if self.snr_gamma is not None:
             weighted = per_sample * min_snr_weight(self.alphas_cumprod, t, self.snr_gamma)
-        loss = self.l_simple_weight * weighted.mean()
-        prefix = "train" if self.training else "val"
-        return loss, {f"{prefix}/loss_simple": per_sample.mean().detach(), f"{prefix}/loss": loss.detach()}
+        return self.l_simple_weight * weighted.mean(), per_sample
 
     def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return torch.randint(0, self.num_timesteps, (batch_size,), device=device).long()
@@ -202,14 +207,27 @@ class DDPM(pl.LightningModule):
 
 class LatentDiffusion(DDPM):
     """Diffusion in the latent space of a frozen KL autoencoder, conditioned by cross-attention on
-    text embeddings (Rombach et al. 2022, arXiv 2112.10752)."""
+    text embeddings (Rombach et al. 2022, arXiv 2112.10752).
+
+    ``frozen_dtype`` (fp32 | fp16 | bf16; None: fp32) stores the frozen parameters read from the base
+    file (``ckpt_path``) in that dtype while fitting, as diffusers' scripts keep the frozen models in
+    ``weight_dtype``: cast at fit start (``cast_frozen``), which needs a mixed-precision trainer
+    (16-mixed or bf16-mixed). Trained parameters stay fp32. Their exact fp32 values stay in the base
+    file: lean checkpoints leave them out and ``exact_state_dict`` (exports) reads them back from it.
+    """
 
     def __init__(self, first_stage_config: Mapping, cond_stage_config: Mapping, cond_stage_key: str = "txt",
                  cond_stage_trainable: bool = False, scale_factor: float = 1.0, scale_by_std: bool = False,
-                 **kwargs: Any):
+                 frozen_dtype: str | None = "fp32", **kwargs: Any):
         ckpt_path = kwargs.pop("ckpt_path", None)  # loaded below, once every sub-model exists
         ignore_keys = kwargs.pop("ignore_keys", ())
+        frozen_dtype = "fp32" if frozen_dtype is None else frozen_dtype
+        if frozen_dtype not in DTYPES:
+            raise ValueError(f"{type(self).__name__}: frozen_dtype={frozen_dtype!r}: expected one of "
+                             f"{', '.join(DTYPES)} (or null: fp32)")
         super().__init__(**kwargs)
+        self.frozen_dtype = frozen_dtype
+        self.cast_keys: tuple[str, ...] = ()  # the parameters cast_frozen stored in frozen_dtype
         self.cond_stage_key, self.cond_stage_trainable = cond_stage_key, cond_stage_trainable
         self.scale_by_std = scale_by_std
         if scale_by_std:
@@ -239,6 +257,47 @@ class LatentDiffusion(DDPM):
         if not self.cond_stage_trainable:
             self.cond_stage_model.eval()
         return self
+
+    # ---- frozen weights in 16 bit ----------------------------------------------------------
+    def cast_frozen(self, without_base: bool = False) -> list[str]:
+        """Store the frozen parameters that came from the base file in ``frozen_dtype`` (the LoRA base
+        weights too; adapters and other trained parameters stay as they are); returns their keys.
+        Without a base file nothing is cast, as the exact values would exist nowhere else, unless
+        ``without_base`` (measurements: ``benchmarks/memory_sd.py``)."""
+        dtype = DTYPES[self.frozen_dtype]
+        if dtype == torch.float32 or (self.base_path is None and not without_base):
+            return []
+        keys = frozen_keys(self, self.base_ignore_keys)
+        params = dict(self.named_parameters(remove_duplicate=False))
+        for key in keys:
+            params[key].data = params[key].data.to(dtype)
+        self.cast_keys = tuple(keys)
+        return keys
+
+    def exact_state_dict(self) -> dict[str, torch.Tensor]:
+        """``state_dict()`` with the parameters ``cast_frozen`` rounded read back from the base file, exact;
+        each must round to the weight in memory (else the file is not the one trained from)."""
+        state = self.state_dict()
+        if not self.cast_keys:
+            return state
+        base = full_state_dict(self.base_path)
+        for key in self.cast_keys:
+            if key not in base or not torch.equal(base[key].to(state[key].device, state[key].dtype), state[key]):
+                raise CheckpointError(f"{self.base_path}: {key} is missing or is not the frozen weight trained "
+                                      "with (the base file changed since training started?)")
+            state[key] = base[key]
+        return state
+
+    def on_fit_start(self) -> None:
+        """``frozen_dtype``: the frozen weights to 16 bit, under a mixed-precision trainer only."""
+        if self.frozen_dtype == "fp32":
+            return
+        precision = str(self.trainer.precision)
+        if not precision.endswith("-mixed"):
+            raise ValueError(f"{type(self).__name__}: frozen_dtype={self.frozen_dtype} needs mixed precision "
+                             f"(trainer precision 16-mixed or bf16-mixed), got precision={precision}")
+        keys = self.cast_frozen()
+        log.info("frozen_dtype=%s: %d frozen parameters stored in %s", self.frozen_dtype, len(keys), self.frozen_dtype)
 
     # ---- conditioning and first stage ------------------------------------------------------
     def get_learned_conditioning(self, c: Sequence[str]) -> torch.Tensor:

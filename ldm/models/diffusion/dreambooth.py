@@ -7,11 +7,15 @@ prior-preservation loss of Eq. 2:
 where ``c_instance`` encodes "a photo of [identifier] [class]" and ``c_class`` "a photo of a [class]",
 the second term on images the base model generated of the class, and lambda = ``prior_loss_weight``.
 
-Layout: two forwards of the UNet per step, one per half of the batch (as XavierXiao's
-DreamBooth-Stable-Diffusion; diffusers concatenates both halves into one forward). Each half goes
-through ``LatentDiffusion.p_losses``, the one definition of the eps loss, and each half draws from the
-global torch RNG in a fixed order: the posterior sample of z, then t ~ U{0..T-1}, then eps ~ N(0, I);
-the instance half first. A resumed run that restores the RNG state therefore reproduces the draws.
+Layout: one forward of the UNet per step on both halves of the batch, concatenated (as diffusers'
+train_dreambooth.py; XavierXiao's DreamBooth-Stable-Diffusion runs one per half). Under autocast two
+forwards would share the cached 16-bit weight copies and, without gradient checkpointing, the backward
+would hold 16-bit gradients of every trained weight until both halves were done. Each half draws from
+the global torch RNG in a fixed order: the posterior sample of z, then t ~ U{0..T-1}, then eps ~ N(0, I)
+(``offset_noise``); the instance half first. A resumed run that restores the RNG state therefore
+reproduces the draws. The prompts of both halves are encoded together, the prediction is split back
+and each half's loss is ``LatentDiffusion.eps_loss``, the one definition of the eps loss (Min-SNR
+weighting per half, as ``p_losses``).
 
 Caches (derived data, never saved in checkpoints):
 - frozen text encoder: each distinct prompt is encoded once, alone (so the result does not depend on
@@ -30,6 +34,7 @@ import torch
 
 from ldm import compat
 from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.schedule import offset_noise
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.lora import TEXT_ATTENTION, LoRAConfig
 
@@ -119,24 +124,30 @@ class DreamBooth(LatentDiffusion):
         """z = scale_factor * (a sample of q(z | x)), in the images' dtype (autocast may encode in 16 bit)."""
         return self.get_first_stage_encoding(self.posterior(x)).detach().to(x.dtype)  # (B, 4, H/8, W/8)
 
-    def denoising_loss(self, part: Mapping) -> torch.Tensor:
-        """The eps loss of one half of the batch (draws: posterior sample, then t, then eps)."""
+    def draws(self, part: Mapping) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z, t, eps) of one half of the batch, drawn in the documented order: posterior sample, t, eps."""
         z = self.latents(self.get_input(part, self.first_stage_key))
-        c = self.conditioning(part[self.cond_stage_key])
         t = self.sample_timesteps(z.shape[0], z.device)
-        loss, _ = self.p_losses(z, c, t)
-        return loss
+        return z, t, offset_noise(z, self.noise_offset)
+
+    def denoising_losses(self, *parts: Mapping) -> list[torch.Tensor]:
+        """The eps loss of each part (half of the batch), through one UNet forward on all of them."""
+        z, t, noise = (torch.cat(x) for x in zip(*[self.draws(part) for part in parts]))
+        c = self.conditioning([p for part in parts for p in part[self.cond_stage_key]])
+        eps = self.apply_model(self.q_sample(z, t, noise), t, c)
+        sizes = [len(part[self.cond_stage_key]) for part in parts]
+        return [self.eps_loss(*half)[0] for half in zip(eps.split(sizes), noise.split(sizes), t.split(sizes))]
 
     # ---- Lightning -----------------------------------------------------------------------------
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
         """DreamBooth Eq. 2: instance loss plus ``prior_loss_weight`` times the class (prior) loss."""
-        loss_instance = self.denoising_loss(batch["instance"])
-        logs = {"train/loss_instance": loss_instance.detach()}
-        loss = loss_instance
-        if "class" in batch:
-            loss_class = self.denoising_loss(batch["class"])
+        if "class" not in batch:
+            (loss_instance,) = self.denoising_losses(batch["instance"])
+            loss, logs = loss_instance, {"train/loss_instance": loss_instance.detach()}
+        else:
+            loss_instance, loss_class = self.denoising_losses(batch["instance"], batch["class"])
             loss = loss_instance + self.prior_loss_weight * loss_class
-            logs["train/loss_class"] = loss_class.detach()
+            logs = {"train/loss_instance": loss_instance.detach(), "train/loss_class": loss_class.detach()}
         logs["train/loss"] = loss.detach()
         self.log_dict(logs, prog_bar=True, on_step=True, batch_size=len(batch["instance"][self.cond_stage_key]))
         return loss
@@ -146,7 +157,8 @@ class DreamBooth(LatentDiffusion):
         super().on_train_batch_start(batch["instance"], batch_idx)
 
     def on_fit_start(self) -> None:
-        """Weights may have been restored since the caches were filled."""
+        """Weights may have been restored since the caches were filled; ``frozen_dtype`` casts."""
+        super().on_fit_start()
         self._prompt_cache.clear()
         self._moment_cache.clear()
 
