@@ -248,7 +248,9 @@ def table_two(two: dict) -> str:
             rows.append(f"| \"{m['prompt']}\" | {name} | {m['own_match']:.3f} | {m['other_match']:.3f} | "
                         f"{m['own_similarity']:.3f} | {m['other_similarity']:.3f} |")
     own = " / ".join(f"{v:.3f}" for v in two["photo_own_match"])
-    rows.append(f"| the photos of subjects 1 / 2 themselves | | {own} | | | {two['photo_cross_similarity']:.3f} |")
+    self_similarity = " / ".join(f"{v:.3f}" for v in two["photo_self_similarity"])
+    rows.append(f"| the photos of subjects 1 / 2 themselves | | {own} | | {self_similarity} | "
+                f"{two['photo_cross_similarity']:.3f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -295,6 +297,7 @@ def evaluate_two_subjects(opt: argparse.Namespace, captioner: Any, photo_dirs: S
     return {"models": models,
             "photo_own_match": [sum(reads_as_subject(r, SUBJECTS[k]) for r in read) / len(read)
                                 for k, read in enumerate(photo_reads)],
+            "photo_self_similarity": [mean_similarity(captioner, p, p) for p in photos],
             "photo_cross_similarity": mean_similarity(captioner, photos[0], photos[1])}
 
 

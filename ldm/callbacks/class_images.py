@@ -72,7 +72,8 @@ class ClassImageSampler(pl.Callback):
     """Generates the missing class images in ``on_fit_start`` (see the module notes).
 
     ``class_data_root`` None: no prior preservation, nothing to do. ``resolution`` None: the model's
-    training resolution (latent ``image_size`` times the VAE factor).
+    training resolution (latent ``image_size`` times the VAE factor). ``concepts`` (not None): their
+    class folders instead of ``class_data_root`` and ``class_word``.
     """
 
     def __init__(self, class_data_root: str | None, class_word: str | None, num_class_images: int = 100,
