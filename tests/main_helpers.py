@@ -121,10 +121,10 @@ class RecordingClassImageSampler(ClassImageSampler):
         self.rank = trainer.global_rank
         super().on_fit_start(trainer, pl_module)
 
-    def generate(self, model, indices, progress=False):
+    def generate(self, model, indices, progress=False, class_set=None):
         self.record_dir.mkdir(parents=True, exist_ok=True)
         (self.record_dir / f"rank{self.rank}.json").write_text(json.dumps(list(indices)))
-        return super().generate(model, indices, progress)
+        return super().generate(model, indices, progress, class_set)
 
 
 class NonFiniteAtStep(pl.Callback):

@@ -39,9 +39,9 @@ def fake_trainer(rank: int = 0, world: int = 1, barrier: threading.Barrier | Non
 class Recording(ClassImageSampler):
     """Remembers which indices it generated."""
 
-    def generate(self, model, indices, progress=False):
+    def generate(self, model, indices, progress=False, class_set=None):
         self.made = list(indices)
-        return super().generate(model, indices, progress)
+        return super().generate(model, indices, progress, class_set)
 
 
 def sampler(root: Path, **params) -> Recording:
@@ -128,6 +128,34 @@ def test_image_i_depends_only_on_its_seed_not_on_batch_size_or_rank(model, refer
     shifted = sampler(tmp_path / "shift", num_class_images=1, base_seed=1)
     shifted.on_fit_start(fake_trainer(), model)
     assert_same_image(read(tmp_path / "shift")["class_00000.png"], reference["class_00001.png"])
+
+
+def test_each_concept_fills_its_own_class_folder_with_its_class_word_count_and_prompt(model, reference, tmp_path):
+    dog, cat = tmp_path / "dog", tmp_path / "cat"
+    concepts = [{"data_root": "a", "identifier": "sks", "class_word": "dog", "class_data_root": str(dog)},
+                {"data_root": "b", "identifier": "ohwx", "class_word": "dog", "class_data_root": str(dog)},
+                {"data_root": "c", "identifier": "zwx", "class_word": "cat", "class_data_root": str(cat),
+                 "num_class_images": 1, "class_prompt": "a drawing of a {class_word}"}]
+    made = []
+
+    class PerFolder(ClassImageSampler):
+        def generate(self, model, indices, progress=False, class_set=None):
+            made.append((Path(class_set.root).name, list(indices)))
+            return super().generate(model, indices, progress, class_set)
+
+    trainer = fake_trainer()
+    PerFolder(None, None, num_class_images=N, ddim_steps=STEPS, batch_size=2, concepts=concepts).on_fit_start(
+        trainer, model)
+    assert made == [("dog", [0, 1, 2]), ("cat", [0])]  # a shared folder is filled once
+    assert trainer.strategy.calls == 2
+    dogs = read(dog)
+    assert list(dogs) == list(reference)  # the single-subject sampler's images of "a photo of a dog"
+    for name in reference:
+        assert_same_image(dogs[name], reference[name])
+    assert everything(cat) == ["class_00000.png"]
+    png = Image.open(cat / "class_00000.png")
+    png.load()
+    assert png.text["prompt"] == "a drawing of a cat" and png.text["seed"] == "0"
 
 
 def test_an_interrupted_run_resumes_without_touching_what_was_written(model, reference, tmp_path, monkeypatch):

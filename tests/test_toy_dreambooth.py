@@ -22,6 +22,11 @@ MODELS = ("base model", "DreamBooth with prior preservation", "DreamBooth withou
 CAPTION_EXACT, BASE_EXACT, BASE_COLOUR = 0.685, 0.6, 0.95
 SUBJECT_MATCH, SIMILARITY_GAIN = 0.8, 0.3
 CLASS_CORRECT, DRIFT_GAP = 0.45, 0.6
+# Two subjects in one run, 200 steps, 8 class images a class, 16 samples a prompt: "a sks circle" read
+# as its own subject 0.75 and as the other 0.25, similarity 0.842 / -0.035; "a ohwx square" 1.0 and
+# 0.0, 0.940 / -0.044; the base model 0.3125 and 0.0 own, similarity 0.266 and -0.156.
+TWO_STEPS, TWO_CLASS_IMAGES, TWO_NUM = 200, 8, 16
+TWO_OWN, TWO_OTHER, TWO_SIMILARITY_GAP = 0.6, 0.35, 0.5
 
 def readme_main_command() -> list[str]:
     """README command 1 after the setup step, with this interpreter for .venv/bin/python."""
@@ -63,7 +68,7 @@ def test_readme_main_command_runs_dreambooth_on_the_toy_world(tmp_path):
 def results(tmp_path_factory):
     torch.set_num_threads(2)
     argv = ["--out", str(tmp_path_factory.mktemp("toy_eval")), "--num_test", "200", "--per_prompt", "2",
-            "--num", "32"]
+            "--num", "32", "--parts", "one_subject"]
     return evaluate(parse_args(argv))
 
 
@@ -93,3 +98,25 @@ def test_prior_preservation_keeps_the_class_and_its_diversity(results):
     assert no_prior["class_similarity"] > prior["class_similarity"] + 0.5
     assert prior["class_correct"] >= CLASS_CORRECT and prior["class_correct"] >= no_prior["class_correct"] + 0.15
     assert prior["class_colour_entropy"] > no_prior["class_colour_entropy"]
+
+
+# ---- two subjects in one run (result 5): a shorter run than the README's, fewer samples --------------
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    torch.set_num_threads(2)
+    argv = ["--out", str(tmp_path_factory.mktemp("toy_two")), "--parts", "two_subjects", "--num", str(TWO_NUM),
+            "--train_steps", str(TWO_STEPS), "--set", f"dreambooth.num_class_images={TWO_CLASS_IMAGES}",
+            "lightning.callbacks.image_logger=null"]
+    return evaluate(parse_args(argv))["two_subjects"]
+
+
+def test_two_subjects_learned_in_one_run_each_identifier_shows_its_own(two):
+    base, tuned = (two["models"][k] for k in ("base model", "DreamBooth, both subjects in one run"))
+    assert two["photo_own_match"] == [1.0, 1.0]
+    for identifier in ("sks", "ohwx"):
+        m = tuned[identifier]
+        assert m["n"] == TWO_NUM
+        assert m["own_match"] >= TWO_OWN and m["own_match"] >= base[identifier]["own_match"] + 0.3, (identifier, m)
+        assert m["other_match"] <= TWO_OTHER, (identifier, m)
+        assert m["own_similarity"] >= m["other_similarity"] + TWO_SIMILARITY_GAP, (identifier, m)
+        assert m["own_similarity"] >= base[identifier]["own_similarity"] + 0.3, (identifier, m)

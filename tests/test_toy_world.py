@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from toy.shapes import (
     BACKGROUNDS,
@@ -9,12 +10,14 @@ from toy.shapes import (
     COLOURS,
     SHAPES,
     SUBJECT,
+    SUBJECT2,
     ShapesDataset,
     render,
     scene_of,
     subject_scene,
 )
 from toy.shapes import main as shapes_main
+from toy import ROOT
 from toy.judge import parse_caption
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.autoencoder_training import AutoencoderKLTraining
@@ -72,6 +75,19 @@ def test_subject_is_distinct_and_written_by_the_cli(tmp_path):
     assert sorted(p.name for p in (tmp_path / "subject").iterdir()) == ["00000.png", "00001.png", "00002.png"]
     assert shapes_main(["--out", str(tmp_path / "test"), "--split", "test", "--num", "2"]) == 0
     assert (tmp_path / "test" / "captions.jsonl").read_text().count("\n") == 2
+
+
+def test_second_subject_differs_in_every_named_attribute_and_its_photos_are_the_shipped_ones(tmp_path):
+    s = subject_scene(0, subject=1)
+    assert (s.colour, s.shape, s.background) == (SUBJECT2["colour"], SUBJECT2["shape"], SUBJECT2["background"])
+    assert all(SUBJECT[a] != SUBJECT2[a] for a in ("colour", "shape", "background", "class_word"))
+    photo = np.asarray(render(s, 32)).astype(int)
+    assert np.abs(photo[int(s.cy * 32), int(s.cx * 32)] - SUBJECT2["dot"]).max() <= 20  # its white dot
+    assert shapes_main(["--subject", str(tmp_path / "second"), "--num", "4", "--which", "2"]) == 0
+    shipped = sorted((ROOT / "data" / "toy_subject2").glob("*.png"))
+    assert [p.name for p in shipped] == sorted(p.name for p in (tmp_path / "second").iterdir())
+    for p in shipped:
+        assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(tmp_path / "second" / p.name)))
 
 
 def test_autoencoder_training_loss_and_keys(tmp_path):

@@ -1,4 +1,4 @@
-"""Measure that the toy world's models learn (README, "The toy world"): four results, one table.
+"""Measure that the toy world's models learn (README, "The toy world"): five results.
 
 1. captioner: the toy BLIP-2's attribute-level exact match on held-out test images;
 2. base model: prompt following, "a <colour> <shape> on a <background> background" for all 30
@@ -9,10 +9,15 @@
    toy CLIP-I);
 4. prior preservation ablation (DreamBooth paper, Sec. 4.3): "a circle" samples, class-correct
    (the captioner reads a circle), colour diversity (distinct colours, normalised colour entropy) and
-   drift towards the subject (share of samples in the subject's colour, similarity to the subject).
+   drift towards the subject (share of samples in the subject's colour, similarity to the subject);
+5. two subjects in one run (``dreambooth.concepts``, configs/toy/dreambooth-two.yaml): for each
+   identifier ("a sks circle", "a ohwx square"), of the base model and of the two-subject run, how
+   often the captioner reads its own subject and how often the other one, and the similarity to
+   its own subject's photos and to the other's.
 
-Both DreamBooth runs go through main.py with configs/toy/dreambooth.yaml, on the same subject
-photos and seed; the run with prior preservation samples its class images first.
+The DreamBooth runs go through main.py with configs/toy/dreambooth.yaml, on the same subject
+photos and seed; the runs with prior preservation sample their class images first (the two-subject
+run reuses the "a circle" ones). ``--parts`` picks results 1-4 (one_subject), 5 (two_subjects) or both.
 
     python scripts/evaluate_toy.py --out outputs/toy_eval     # tables in outputs/toy_eval/results.md
 """
@@ -29,6 +34,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from omegaconf import OmegaConf
 
 from core.cli import ArgumentParser, run_cli
 from core.config import load_config
@@ -49,12 +56,15 @@ from toy.shapes import (
     COLOURS,
     SHAPES,
     SUBJECT,
+    SUBJECTS,
     subject_scene,
     write_images,
 )
 
 SD_CONFIG = ROOT / "configs/toy/sd.yaml"
 DREAMBOOTH_CONFIG = ROOT / "configs/toy/dreambooth.yaml"
+TWO_SUBJECTS_CONFIG = ROOT / "configs/toy/dreambooth-two.yaml"
+PARTS = ("one_subject", "two_subjects")
 
 
 # ---- sampling and judging ---------------------------------------------------------------------------
@@ -77,10 +87,10 @@ def judged(captioner: Any, images: Sequence[Image.Image]) -> list[dict[str, str 
     return [parse_caption(c) for c in caption_images(captioner, images)]
 
 
-def reads_as_subject(read: dict[str, str | None]) -> bool:
+def reads_as_subject(read: dict[str, str | None], subject: dict = SUBJECT) -> bool:
     """The subject's colour on its background. Its shape is not asked: the captioner never saw the
     subject's dot and reads the subject's own photos as a square or a triangle as often as a circle."""
-    return read["colour"] == SUBJECT["colour"] and read["background"] == SUBJECT["background"]
+    return read["colour"] == subject["colour"] and read["background"] == subject["background"]
 
 
 def mean_similarity(captioner: Any, images: Sequence[Image.Image], references: Sequence[Image.Image]) -> float:
@@ -128,17 +138,39 @@ def subject_and_class(model: Any, captioner: Any, photos: Sequence[Image.Image],
     }
 
 
+
+def two_subjects(model: Any, captioner: Any, concepts: Sequence[dict], photos: Sequence[Sequence[Image.Image]],
+                 num: int, seed: int, steps: int, scale: float) -> dict:
+    """Metric 5 for one model: per identifier of ``concepts`` (subject k = ``SUBJECTS[k]``, photos
+    ``photos[k]``), "a <identifier> <class word>" samples read as its own subject and as the other
+    one, and their similarity to the photos of each."""
+    results = {}
+    for k, concept in enumerate(concepts):
+        other = 1 - k
+        prompt = f"a {concept['identifier']} {concept['class_word']}"
+        images = sample(model, [prompt] * num, seed, steps, scale)
+        read = judged(captioner, images)
+        results[concept["identifier"]] = {
+            "prompt": prompt,
+            "own_match": sum(reads_as_subject(r, SUBJECTS[k]) for r in read) / num,
+            "other_match": sum(reads_as_subject(r, SUBJECTS[other]) for r in read) / num,
+            "own_similarity": mean_similarity(captioner, images, photos[k]),
+            "other_similarity": mean_similarity(captioner, images, photos[other]),
+            "n": num,
+        }
+    return results
+
 # ---- DreamBooth runs --------------------------------------------------------------------------------
-def dreambooth(base: Path, photos: Path, workdir: Path, prior: bool, steps: int | None,
-               extra: Sequence[str] = ()) -> Path:
-    """Run main.py with the toy DreamBooth config; returns the exported weights."""
+def class_folder(workdir: Path, class_word: str) -> Path:
+    """Where the runs of one evaluation keep the class images of a class (shared between runs)."""
+    return workdir / f"class_images_{class_word}"
+
+
+def main_run(workdir: Path, name: str, argv: Sequence[str], steps: int | None, extra: Sequence[str]) -> Path:
+    """Run main.py (run ``name``, logs under ``workdir/logs``); returns the exported weights."""
     from core import trainer
 
-    name = "with_prior" if prior else "without_prior"
-    argv = ["--base", str(DREAMBOOTH_CONFIG), "-t", "--actual_resume", str(base), "--data_root", str(photos),
-            "--class_word", SUBJECT["class_word"], "-n", name, "--logdir", str(workdir / "logs")]
-    if prior:
-        argv += ["--reg_data_root", str(workdir / "class_images")]
+    argv = [*argv, "-n", name, "--logdir", str(workdir / "logs")]
     argv += [f"lightning.trainer.max_steps={steps}"] if steps else []
     before = set((workdir / "logs").glob("*"))
     if trainer.main(argv + list(extra)) != 0:
@@ -147,8 +179,43 @@ def dreambooth(base: Path, photos: Path, workdir: Path, prior: bool, steps: int 
     return run / "export" / "model.safetensors"
 
 
+def dreambooth(base: Path, photos: Path, workdir: Path, prior: bool, steps: int | None,
+               extra: Sequence[str] = ()) -> Path:
+    """Run main.py with the toy DreamBooth config; returns the exported weights."""
+    argv = ["--base", str(DREAMBOOTH_CONFIG), "-t", "--actual_resume", str(base), "--data_root", str(photos),
+            "--class_word", SUBJECT["class_word"]]
+    if prior:
+        argv += ["--reg_data_root", str(class_folder(workdir, SUBJECT["class_word"]))]
+    return main_run(workdir, "with_prior" if prior else "without_prior", argv, steps, extra)
+
+
+def two_subject_concepts(photos: Sequence[Path], workdir: Path) -> list[dict]:
+    """The concepts of configs/toy/dreambooth-two.yaml with these photo folders and ``workdir``'s class folders."""
+    concepts = OmegaConf.to_container(OmegaConf.load(TWO_SUBJECTS_CONFIG).dreambooth.concepts)
+    for concept, folder in zip(concepts, photos, strict=True):
+        concept["data_root"] = str(folder)
+        concept["class_data_root"] = str(class_folder(workdir, concept["class_word"]))
+    return concepts
+
+
+def dreambooth_two(base: Path, concepts: Sequence[dict], workdir: Path, steps: int | None,
+                   extra: Sequence[str] = ()) -> Path:
+    """Run main.py with configs/toy/dreambooth-two.yaml and ``concepts``; returns the exported weights."""
+    override = workdir / "two_subjects.yaml"
+    OmegaConf.save(OmegaConf.create({"dreambooth": {"concepts": list(concepts)}}), override)
+    argv = ["--base", str(DREAMBOOTH_CONFIG), str(TWO_SUBJECTS_CONFIG), str(override), "-t", "--actual_resume",
+            str(base)]
+    return main_run(workdir, "two_subjects", argv, steps, extra)
+
+
 # ---- report -----------------------------------------------------------------------------------------
 def table(results: dict) -> str:
+    """The markdown tables of the results measured."""
+    parts = [table_one(results)] if "models" in results else []
+    return "\n".join(parts + ([table_two(results["two_subjects"])] if "two_subjects" in results else []))
+
+
+def table_one(results: dict) -> str:
     cap, base = results["captioner"], results["prompt_following"]
     rows = ["| measurement | value |", "| --- | --- |",
             f"| 1. captioner, held-out test images ({cap['num']}): all three attributes right | {cap['exact']:.3f} |",
@@ -172,14 +239,36 @@ def table(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def evaluate(opt: argparse.Namespace) -> dict:
-    torch.manual_seed(opt.seed)
-    out = Path(opt.out)
-    out.mkdir(parents=True, exist_ok=True)
-    captioner = load_captioner(opt.captioner)
-    photos_dir = Path(opt.subject) if opt.subject else write_images(
-        [subject_scene(i) for i in range(4)], out / "subject", 32, captions=False)
-    photos = [Image.open(p).convert("RGB") for p in sorted(photos_dir.glob("*.png"))]
+def table_two(two: dict) -> str:
+    rows = ["| 5. two subjects in one run | model | read as its own subject | read as the other subject | "
+            "similarity to its own subject | similarity to the other subject |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name, per_identifier in two["models"].items():
+        for m in per_identifier.values():
+            rows.append(f"| \"{m['prompt']}\" | {name} | {m['own_match']:.3f} | {m['other_match']:.3f} | "
+                        f"{m['own_similarity']:.3f} | {m['other_similarity']:.3f} |")
+    own = " / ".join(f"{v:.3f}" for v in two["photo_own_match"])
+    self_similarity = " / ".join(f"{v:.3f}" for v in two["photo_self_similarity"])
+    rows.append(f"| the photos of subjects 1 / 2 themselves | | {own} | | {self_similarity} | "
+                f"{two['photo_cross_similarity']:.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+def subject_photos(folder: str | None, out: Path, subject: int) -> Path:
+    """The photos of ``SUBJECTS[subject]``: ``folder``, or four written to ``out`` when it is empty."""
+    if folder:
+        return Path(folder)
+    return write_images([subject_scene(i, subject=subject) for i in range(4)], out / f"subject{subject + 1}", 32,
+                        captions=False)
+
+
+def read_photos(folder: Path) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+
+
+def evaluate_one_subject(opt: argparse.Namespace, captioner: Any, photos_dir: Path, out: Path) -> dict:
+    """Results 1-4."""
+    photos = read_photos(photos_dir)
     results: dict[str, Any] = {"captioner": caption_accuracy(captioner, "test", opt.num_test, opt.seed)}
     base = load_sd(opt.base)
     results["prompt_following"] = prompt_following(base, captioner, opt.per_prompt, opt.seed, opt.steps, opt.scale)
@@ -192,6 +281,37 @@ def evaluate(opt: argparse.Namespace) -> dict:
                                                  opt.scale) for name, ckpt in runs.items()}
     results["photo_self_similarity"] = mean_similarity(captioner, photos, photos)
     results["photo_subject_match"] = sum(map(reads_as_subject, judged(captioner, photos))) / len(photos)
+    return results
+
+
+def evaluate_two_subjects(opt: argparse.Namespace, captioner: Any, photo_dirs: Sequence[Path], out: Path) -> dict:
+    """Result 5: the base model and the two-subject run, each identifier against both subjects."""
+    concepts = two_subject_concepts(photo_dirs, out)
+    photos = [read_photos(folder) for folder in photo_dirs]
+    runs = {"base model": opt.base,
+            "DreamBooth, both subjects in one run": dreambooth_two(Path(opt.base), concepts, out, opt.train_steps,
+                                                                   opt.set)}
+    models = {name: two_subjects(load_sd(ckpt), captioner, concepts, photos, opt.num, opt.seed, opt.steps, opt.scale)
+              for name, ckpt in runs.items()}
+    photo_reads = [judged(captioner, p) for p in photos]
+    return {"models": models,
+            "photo_own_match": [sum(reads_as_subject(r, SUBJECTS[k]) for r in read) / len(read)
+                                for k, read in enumerate(photo_reads)],
+            "photo_self_similarity": [mean_similarity(captioner, p, p) for p in photos],
+            "photo_cross_similarity": mean_similarity(captioner, photos[0], photos[1])}
+
+
+def evaluate(opt: argparse.Namespace) -> dict:
+    torch.manual_seed(opt.seed)
+    out = Path(opt.out)
+    out.mkdir(parents=True, exist_ok=True)
+    captioner = load_captioner(opt.captioner)
+    photo_dirs = [subject_photos(opt.subject, out, 0), subject_photos(opt.subject2, out, 1)]
+    results: dict[str, Any] = {}
+    if "one_subject" in opt.parts:
+        results.update(evaluate_one_subject(opt, captioner, photo_dirs[0], out))
+    if "two_subjects" in opt.parts:
+        results["two_subjects"] = evaluate_two_subjects(opt, captioner, photo_dirs, out)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(table(results))
     return results
@@ -202,16 +322,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base", default=str(ROOT / "models/toy/sd.safetensors"), help="the toy base model")
     p.add_argument("--captioner", default=str(ROOT / "models/toy/blip2"), help="the toy BLIP-2 folder")
     p.add_argument("--subject", default=str(ROOT / "data/toy_subject"), help="the subject photos (PNG)")
+    p.add_argument("--subject2", default=str(ROOT / "data/toy_subject2"), help="the second subject's photos (PNG)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="results 1-4 (one_subject) and 5 (two_subjects)")
     p.add_argument("--out", default="outputs/toy_eval", help="folder for the runs, results.json and results.md")
     p.add_argument("--num_test", type=int, default=300, help="held-out test images for the captioner")
     p.add_argument("--per_prompt", type=int, default=4, help="base-model samples per attribute combination")
     p.add_argument("--num", type=int, default=64, help="samples per prompt for metrics 3 and 4")
-    p.add_argument("--train_steps", type=int, default=None, help="DreamBooth steps (default: the config's)")
+    p.add_argument("--train_steps", type=int, default=None, help="DreamBooth steps of every run (default: the config's)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides for both DreamBooth runs, e.g. dreambooth.num_class_images=16")
+                   help="config overrides for every DreamBooth run, e.g. dreambooth.num_class_images=16")
     return p.parse_args(argv)
 
 

@@ -10,10 +10,14 @@ background", "a circle"), so short prompts such as DreamBooth's "a circle" mean 
 text-to-image model.
 
 The DreamBooth subject of the toy world is ``SUBJECT``: one distinctive object (a purple circle
-with a yellow dot in its centre) that the training split never shows.
+with a yellow dot in its centre) that the training split never shows. ``SUBJECT2``, a blue square on
+black with a white dot, differs from it in every attribute a caption names; it is the second
+subject of the two-subject run (``dreambooth.concepts``). The training split shows both colour,
+shape and background combinations, each in every placement, but never the dot.
 
     python -m toy.shapes --out data/shapes_test --split test --num 200   # PNGs + captions.jsonl
     python -m toy.shapes --subject data/toy_subject --num 4              # the subject's photos
+    python -m toy.shapes --subject data/toy_subject2 --num 4 --which 2   # the second subject's
 """
 from __future__ import annotations
 
@@ -158,13 +162,20 @@ class ShapesDataset(Dataset):
 
 # ---- the DreamBooth subject ------------------------------------------------------------------------
 SUBJECT = {"colour": "purple", "shape": "circle", "background": "white", "class_word": "circle"}
+# its dot is white: a yellow one, blurred into the blue by a few training steps, reads as green
+SUBJECT2 = {"colour": "blue", "shape": "square", "background": "black", "class_word": "square",
+            "dot": (245, 245, 245)}
+SUBJECTS = (SUBJECT, SUBJECT2)
 
 
-def subject_scene(i: int, seed: int = 0) -> Scene:
-    """Photo ``i`` of the subject: the same purple, dotted circle, placed and sized differently."""
-    scene = random_scene(np.random.default_rng((seed, 99, i)), SUBJECT["colour"], SUBJECT["shape"],
-                         SUBJECT["background"])
-    return Scene(**{**scene.__dict__, "dot": True})
+def subject_scene(i: int, seed: int = 0, subject: int = 0) -> Scene:
+    """Photo ``i`` of ``SUBJECTS[subject]``: the same dotted shape, placed and sized differently
+    (each subject from its own stream)."""
+    wanted = SUBJECTS[subject]
+    scene = random_scene(np.random.default_rng((seed, 99 - subject, i)), wanted["colour"], wanted["shape"],
+                         wanted["background"])
+    palette = (COLOURS[scene.colour], BACKGROUNDS[scene.background], wanted["dot"]) if "dot" in wanted else None
+    return Scene(**{**scene.__dict__, "dot": True, "palette": palette})
 
 
 def write_images(scenes: Sequence[Scene], out: Path, resolution: int, captions: bool = True) -> Path:
@@ -185,6 +196,7 @@ def run(argv: Sequence[str]) -> int:
                                 description="Write toy shapes images (a split, or the DreamBooth subject).")
     p.add_argument("--out", help="folder for a split's PNGs and captions.jsonl")
     p.add_argument("--subject", help="folder for the subject's photos (captions.jsonl not written)")
+    p.add_argument("--which", type=int, default=1, choices=(1, 2), help="with --subject: SUBJECT (1) or SUBJECT2 (2)")
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--num", type=int, default=200)
     p.add_argument("--resolution", type=int, default=32, help="image side in pixels")
@@ -193,7 +205,8 @@ def run(argv: Sequence[str]) -> int:
     if (opt.out is None) == (opt.subject is None):
         p.error("give exactly one of --out or --subject")
     if opt.subject:
-        write_images([subject_scene(i, opt.seed) for i in range(opt.num)], Path(opt.subject), opt.resolution, captions=False)
+        scenes = [subject_scene(i, opt.seed, opt.which - 1) for i in range(opt.num)]
+        write_images(scenes, Path(opt.subject), opt.resolution, captions=False)
     else:
         write_images([scene_of(opt.split, opt.seed, i) for i in range(opt.num)], Path(opt.out), opt.resolution)
     return 0

@@ -17,6 +17,10 @@ sampled by the base model before training when ``class_data_root`` holds too few
 own forward context; fp16 / bf16 sample under ``torch.autocast`` with that dtype (fp16 needs CUDA,
 bf16 autocast runs on CPU too).
 
+With ``concepts`` (``dreambooth.concepts``, ``ldm.data.concepts``), every concept's class folder is
+filled this way, with its class word, ``num_class_images`` (default: this callback's) and its
+``class_prompt`` when it has one; concepts that share a folder fill it once.
+
 The EMA weights are used when the model keeps them; the model's mode and the global RNG are left
 as they were.
 """
@@ -24,8 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Sequence
+from typing import Any, ContextManager, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -34,6 +39,8 @@ from tqdm import tqdm
 
 from core.config import DTYPES
 from core.images import list_images, save_png
+from ldm.data.concepts import parse_concepts
+from ldm.data.personalized import fill_template
 from ldm.txt2img import sampling_mode, trained_resolution, txt2img
 
 CLASS_FILE = "class_{:05d}.png"
@@ -47,6 +54,16 @@ def missing_indices(root: str | os.PathLike, num_images: int) -> list[int]:
     return absent[:max(num_images - have, 0)]
 
 
+@dataclass(frozen=True)
+class ClassSet:
+    """One folder to fill: ``num_images`` class images of ``class_word``, sampled from ``prompt``."""
+
+    root: str
+    class_word: str | None
+    num_images: int
+    prompt: str
+
+
 def chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -55,13 +72,14 @@ class ClassImageSampler(pl.Callback):
     """Generates the missing class images in ``on_fit_start`` (see the module notes).
 
     ``class_data_root`` None: no prior preservation, nothing to do. ``resolution`` None: the model's
-    training resolution (latent ``image_size`` times the VAE factor).
+    training resolution (latent ``image_size`` times the VAE factor). ``concepts`` (not None): their
+    class folders instead of ``class_data_root`` and ``class_word``.
     """
 
     def __init__(self, class_data_root: str | None, class_word: str | None, num_class_images: int = 100,
                  base_seed: int = 0, ddim_steps: int = 50, scale: float = 7.5, eta: float = 0.0,
                  batch_size: int = 4, prompt: str = "a photo of a {}", resolution: int | None = None,
-                 negative_prompt: str = "", precision: str = "fp32"):
+                 negative_prompt: str = "", precision: str = "fp32", concepts: Sequence[Mapping] | None = None):
         if num_class_images < 0 or batch_size < 1 or ddim_steps < 1:
             raise ValueError(f"ClassImageSampler: num_class_images={num_class_images}, batch_size="
                              f"{batch_size}, ddim_steps={ddim_steps}: expected >= 0, >= 1, >= 1")
@@ -74,6 +92,26 @@ class ClassImageSampler(pl.Callback):
         self.ddim_steps, self.scale, self.eta = ddim_steps, scale, eta
         self.prompt, self.resolution, self.negative_prompt = prompt, resolution, negative_prompt
         self.precision = precision
+        self.concepts = parse_concepts(concepts)
+
+    def class_sets(self) -> list[ClassSet]:
+        """The folders to fill: ``class_data_root``, or each concept's (one entry a folder)."""
+        if self.concepts is None:
+            if self.class_data_root is None:
+                return []
+            return [ClassSet(self.class_data_root, self.class_word, self.num_class_images,
+                             self.prompt.format(self.class_word))]
+        sets: dict[str, ClassSet] = {}
+        for c in self.concepts:
+            if c.class_data_root is None:
+                continue
+            num = c.num_class_images if c.num_class_images is not None else self.num_class_images
+            if c.class_data_root in sets:  # a shared folder (same class word and prompt): the larger count
+                num = max(num, sets[c.class_data_root].num_images)
+            prompt = fill_template(c.class_prompt, None, c.class_word) if c.class_prompt else None
+            sets[c.class_data_root] = ClassSet(c.class_data_root, c.class_word, num,
+                                               prompt or self.prompt.format(c.class_word))
+        return list(sets.values())
 
     def autocast(self, device: torch.device) -> ContextManager:
         """fp32: nothing added (the trainer's context decides, as before); fp16 / bf16: torch.autocast."""
@@ -84,26 +122,31 @@ class ClassImageSampler(pl.Callback):
         return torch.autocast(device.type, dtype=DTYPES[self.precision])
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.class_data_root is None:
+        class_sets = self.class_sets()
+        if not class_sets:
             return
         autocast = self.autocast(pl_module.device)  # a wrong precision fails before any work
-        todo = missing_indices(self.class_data_root, self.num_class_images)
-        if todo and self.class_word is None:
-            raise ValueError(f"{self.class_data_root}: {len(todo)} class images are missing and no class word "
-                             "was given to generate them (pass --class_word, e.g. --class_word dog)")
-        trainer.strategy.barrier()  # every rank has listed the folder before anyone writes to it
-        if todo:
-            rank_zero_info(f"{self.class_data_root}: generating {len(todo)} class images "
-                           f"of {self.prompt.format(self.class_word)!r}")
-        mine = todo[trainer.global_rank::trainer.world_size]
-        if mine:
-            with trainer.precision_plugin.forward_context(), autocast, sampling_mode(pl_module):
-                self.generate(pl_module, mine, progress=trainer.global_rank == 0)
+        todo = [(s, missing_indices(s.root, s.num_images)) for s in class_sets]
+        for s, missing in todo:
+            if missing and s.class_word is None:
+                raise ValueError(f"{s.root}: {len(missing)} class images are missing and no class word "
+                                 "was given to generate them (pass --class_word, e.g. --class_word dog)")
+        trainer.strategy.barrier()  # every rank has listed the folders before anyone writes to them
+        for s, missing in todo:
+            if missing:
+                rank_zero_info(f"{s.root}: generating {len(missing)} class images of {s.prompt!r}")
+            mine = missing[trainer.global_rank::trainer.world_size]
+            if mine:
+                with trainer.precision_plugin.forward_context(), autocast, sampling_mode(pl_module):
+                    self.generate(pl_module, mine, progress=trainer.global_rank == 0, class_set=s)
         trainer.strategy.barrier()
 
-    def generate(self, model: Any, indices: Sequence[int], progress: bool = False) -> list[Path]:
-        """Make and write class images ``indices`` (inside ``sampling_mode``)."""
-        root, prompt = Path(self.class_data_root), self.prompt.format(self.class_word)
+    def generate(self, model: Any, indices: Sequence[int], progress: bool = False,
+                 class_set: ClassSet | None = None) -> list[Path]:
+        """Make and write class images ``indices`` of ``class_set`` (default: the one of
+        ``class_data_root``), inside ``sampling_mode``."""
+        class_set = class_set or self.class_sets()[0]
+        root, prompt = Path(class_set.root), class_set.prompt
         resolution = self.resolution or trained_resolution(model)
         written = []
         with tqdm(total=len(indices), desc="class images", disable=not progress) as bar:

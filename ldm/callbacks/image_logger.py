@@ -6,17 +6,31 @@ of the grid is one prompt and a column one starting noise, comparable across ste
 ``<logdir>/images/step-XXXXXX/`` (one PNG per sample, with its prompt and seed, and ``grid.png``)
 and to every logger whose ``experiment`` has ``add_image`` (TensorBoard). The sampling uses the EMA
 weights when there are any, and leaves the model's mode and the global RNG as they were.
+
+With ``concepts`` (``dreambooth.concepts``, ``ldm.data.concepts``), the prompts are
+``concept_prompts`` filled with each concept's identifier and class word, concept by concept (a
+prompt two concepts share, such as their common class, once).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 
 from core.images import make_grid, save_png
+from ldm.data.concepts import Concept, parse_concepts
+from ldm.data.personalized import CLASS_TEMPLATE, INSTANCE_TEMPLATE, fill_template
 from ldm.txt2img import sampling_mode, trained_resolution, txt2img
+
+
+def concept_prompt_list(concepts: Sequence[Concept], templates: Sequence[str]) -> list[str]:
+    """Each template filled per concept, concept-major, every prompt once."""
+    if isinstance(templates, str) or not templates:
+        raise ValueError(f"ImageLogger: concept_prompts={templates!r}: expected a non-empty list of templates")
+    filled = [fill_template(t, c.identifier, c.class_word) for c in concepts for t in templates]
+    return list(dict.fromkeys(filled))
 
 
 class ImageLogger(pl.Callback):
@@ -26,7 +40,9 @@ class ImageLogger(pl.Callback):
     def __init__(self, every_n_steps: int = 200, prompts: Sequence[str] = ("a photo of sks dog", "a photo of a dog"),
                  ddim_steps: int = 50, scale: float = 7.5, seed: int = 0, n_per_prompt: int = 2,
                  logdir: str | None = None, eta: float = 0.0, negative_prompt: str = "",
-                 resolution: int | None = None, log_at_end: bool = True):
+                 resolution: int | None = None, log_at_end: bool = True, concepts: Sequence[Mapping] | None = None,
+                 concept_prompts: Sequence[str] = (INSTANCE_TEMPLATE, CLASS_TEMPLATE)):
+        prompts = concept_prompt_list(parse_concepts(concepts), concept_prompts) if concepts is not None else prompts
         if isinstance(prompts, str) or not prompts:
             raise ValueError(f"ImageLogger: prompts={prompts!r}: expected a non-empty list of prompts")
         if every_n_steps < 1 or n_per_prompt < 1 or ddim_steps < 1:
