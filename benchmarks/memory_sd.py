@@ -100,6 +100,7 @@ def model_config(size: str, row: Row) -> dict:
     cfg = OmegaConf.load(CONFIGS[size])
     params = cfg.model.params
     params.unet_config.params.use_checkpoint = row.checkpointing
+    params.cond_stage_config.setdefault("params", {})["use_checkpoint"] = row.checkpointing
     params.train_text_encoder = row.train_text_encoder
     params.optimizer = row.optimizer
     params.lora = None if row.lora_rank is None else {"rank": row.lora_rank}

@@ -157,3 +157,20 @@ def test_unfrozen_embedder_trains():
 def test_unsupported_version_is_rejected():
     with pytest.raises(ValueError, match="clip-vit-base-patch32"):
         FrozenCLIPEmbedder(version="openai/clip-vit-base-patch32", width=32, layers=2, heads=2)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """``use_checkpoint``: each encoder layer is recomputed in the backward pass, gradients unchanged."""
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    grads = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(0)
+        enc = FrozenCLIPEmbedder(width=32, layers=2, heads=2, freeze=False, use_checkpoint=use_checkpoint)
+        calls, layer = [], enc.transformer.text_model.encoder.layers[0]
+        forward = layer.forward
+        layer.forward = lambda x, forward=forward: calls.append(1) or forward(x)  # (checkpointing skips hooks)
+        enc(["a photo of sks dog", "a dog"]).square().sum().backward()
+        grads.append([p.grad.clone() for p in enc.parameters()])
+        assert len(calls) == (2 if use_checkpoint else 1)  # recomputed once in the backward pass
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))

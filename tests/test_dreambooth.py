@@ -248,9 +248,12 @@ def test_configs_have_the_dreambooth_defaults_and_the_same_structure():
     strip = lambda ks: {k for k in ks if not k.lstrip(".").startswith(skip)}  # noqa: E731
     assert strip(keys(OmegaConf.to_container(full))) == strip(keys(OmegaConf.to_container(tiny)))
     v1 = OmegaConf.load(FULL_CONFIG).model.params
-    for name in ("unet_config", "first_stage_config", "cond_stage_config", "linear_start", "linear_end",
+    for name in ("unet_config", "first_stage_config", "linear_start", "linear_end",
                  "timesteps", "scale_factor", "image_size", "channels", "conditioning_key"):
         assert full.model.params[name] == v1[name], name
+    # the text encoder of sd-v1, with gradient checkpointing for training
+    text = OmegaConf.to_container(full.model.params.cond_stage_config)
+    assert text.pop("params") == {"use_checkpoint": True} and text == OmegaConf.to_container(v1.cond_stage_config)
     assert full.model.target == "ldm.models.diffusion.dreambooth.DreamBooth"
     assert full.model.base_learning_rate == 1e-6 and full.model.params.prior_loss_weight == 1.0
     assert full.model.params.train_text_encoder and full.model.params.unet_config.params.use_checkpoint

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import checkpoint
+
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """OpenAI CLIP's sigmoid approximation of GELU: ``x * sigmoid(1.702 x)``."""
@@ -127,10 +129,11 @@ class CLIPEncoder(nn.Module):
         self.layers = nn.ModuleList(
             CLIPEncoderLayer(width, heads, mlp_ratio, act, eps) for _ in range(layers)
         )
+        self.gradient_checkpointing = False  # per layer, when training the text encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x)  # [B, T, W]
+            x = checkpoint(layer, x, enabled=self.gradient_checkpointing)  # [B, T, W]
         return x
 
 

@@ -17,12 +17,13 @@ class FrozenCLIPEmbedder(nn.Module):
 
     Built offline with random weights (the sd-v1 checkpoint fills ``transformer.text_model.*``).
     ``version`` exists for CompVis configs and must name ViT-L/14; other sizes are set through
-    the explicit arguments. ``freeze=False`` keeps it trainable (DreamBooth tunes it).
+    the explicit arguments. ``freeze=False`` keeps it trainable (DreamBooth tunes it);
+    ``use_checkpoint`` recomputes each encoder layer in the backward pass (gradient checkpointing).
     """
 
     def __init__(self, version: str = VIT_L_14, max_length: int = 77, vocab_size: int = 49408,
                  width: int = 768, layers: int = 12, heads: int = 12, mlp_ratio: int = 4,
-                 act: str = "quick_gelu", freeze: bool = True):
+                 act: str = "quick_gelu", freeze: bool = True, use_checkpoint: bool = False):
         super().__init__()
         if version != VIT_L_14:
             raise ValueError(
@@ -33,6 +34,7 @@ class FrozenCLIPEmbedder(nn.Module):
         self.max_length = max_length
         self.tokenizer = CLIPTokenizer(context_length=max_length)
         self.transformer = CLIPTextModel(vocab_size, width, layers, heads, max_length, mlp_ratio, act)
+        self.transformer.text_model.encoder.gradient_checkpointing = use_checkpoint  # matters when trained
         if freeze:
             self.freeze()
 
