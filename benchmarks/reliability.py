@@ -250,6 +250,7 @@ class DreamBooth:
         done = main_py(self.args(root / "ref"), root / "ref" / "run.log",
                        conditions={"events": more_than(events(root / "ref")),
                                    "first_image": lambda: any(self.reg.glob("class_*.png")),
+                                   "all_images": lambda: len(list(self.reg.glob("class_*.png"))) >= 6,
                                    "step1": lambda: any((root / "ref").glob("*/checkpoints/step-000001.ckpt"))})
         if done.code != 0:
             raise RuntimeError(f"the reference DreamBooth run failed:\n{done.stderr[-3000:]}")
@@ -339,8 +340,8 @@ def check_signals(ctx: "Context") -> Row:
         problems = [] if stopped or step == STEPS else [f"{signum.name}: exit {done.code}, last.ckpt {step}"]
         done = db.resume(logdir, logdir / "final.log")
         row.trial(problems + db.compare(logdir) + ([f"exit {done.code}"] if done.code else []), f"trial {t}")
-    row.figures = [f"{clean}/{row.trials} stopped at a step boundary with last.ckpt saved (exit 0), the others "
-                   "after training had ended", "resume bit-exact"]
+    row.figures = [f"{clean}/{row.trials} stopped at a step boundary with last.ckpt saved (exit 0)"
+                   + (", the others after training had ended" if clean < row.trials else ""), "resume bit-exact"]
     return row
 
 
@@ -373,8 +374,9 @@ def check_disk(ctx: "Context") -> Row:
 
 
 def check_class_images(ctx: "Context") -> Row:
-    db, row, codes = ctx.dreambooth(), Row("class-image generation killed and rerun"), {"SIGKILL": 0, "SIGTERM": 0}
-    window = db.seen["step1"] - db.seen["first_image"]
+    db, row, codes = ctx.dreambooth(), Row("class-image generation killed and rerun"), {"SIGKILL": 0, "SIGTERM": 0,
+                                                                                     "late": 0}
+    window = db.seen["all_images"] - db.seen["first_image"]  # the generation, as the reference run took
     lines = []
     for t in range(ctx.trials(6)):
         reg, logdir = ctx.tmp / f"reg{t}", ctx.tmp / f"classimg{t}"
@@ -389,16 +391,21 @@ def check_class_images(ctx: "Context") -> Row:
             if signum == signal.SIGTERM:
                 stop_lines = [ln for ln in done.stderr.splitlines() if ln.startswith("main.py: stopped:")]
                 lines += stop_lines
-                # during generation: one line, exit 1; later (training had begun): a stop at a step boundary
-                problems += [f"SIGTERM: exit {done.code}"] if done.code < 0 or "Traceback" in done.stderr else []
+                # during generation: one line, exit 1; later: a stop at a step boundary (exit 0), or, once
+                # the run is over (Lightning's teardown), the default action (exit -15; everything is saved)
+                late = "`Trainer.fit` stopped" in done.stderr
+                codes["late"] += late and done.code < 0
+                problems += [f"SIGTERM: exit {done.code}"] if (done.code < 0 and not late) or "Traceback" in done.stderr \
+                    else []
                 problems += [f"SIGTERM: exit {done.code}, {len(stop_lines)} stop lines"] \
                     if "stopped while generating" in done.stderr and (done.code != 1 or len(stop_lines) != 1) else []
         done = main_py(db.args(logdir / "final", reg, "lightning.trainer.max_steps=1"), logdir / "final.log")
         problems += [f"exit {done.code}"] if done.code else []
         row.trial(problems + file_differences(db.images, reg), f"trial {t}")
-    row.figures = [f"{codes['SIGKILL']} SIGKILL, {codes['SIGTERM']} SIGTERM during generation of {len(db.images)} "
-                   "images", "rerun: byte-identical set, no duplicate, corrupt, missing or temporary file"]
+    row.figures = [f"{codes['SIGKILL']} SIGKILL, {codes['SIGTERM']} SIGTERM after the first of {len(db.images)} "
+                   "images appeared", "rerun: byte-identical set, no duplicate, corrupt, missing or temporary file"]
     row.figures += [f"SIGTERM: exit 1, `{lines[0][len('main.py: stopped: '):][:120]}...`"] if lines else []
+    row.figures += [f"{codes['late']} SIGTERM after the run had ended: exit -15, nothing lost"] if codes["late"] else []
     return row
 
 
