@@ -114,7 +114,7 @@ def cli_settings(opt: argparse.Namespace) -> DictConfig:
         settings["dreambooth"] = {k: v for k, v in given.items() if v is not None}
     if opt.seed is not None:
         settings["lightning"] = {"seed": opt.seed}
-    if opt.actual_resume:
+    if opt.actual_resume and not opt.resume:  # with -r it relocates the base file instead (relocate_base)
         settings["model"] = {"params": {"ckpt_path": opt.actual_resume}}
     return OmegaConf.create(settings)
 
@@ -137,7 +137,7 @@ def run_config(opt: argparse.Namespace, overrides: list[str], resume_logdir: Pat
         OmegaConf.update(config, "lightning.seed", DEFAULT_SEED)
     if "dreambooth" in config and config.dreambooth.get("identifier") is None:
         config.dreambooth.identifier = DEFAULT_TOKEN
-    if resume_logdir is not None:
+    if resume_logdir is not None and OmegaConf.select(config, "model.params.ckpt_path") is not None:
         OmegaConf.update(config, "model.params.ckpt_path", None)  # every weight comes from the resumed checkpoint
     return config
 

@@ -12,16 +12,24 @@
 Reading never unpickles code: ``.ckpt`` files go through ``torch.load(weights_only=True)``
 with a short allow-list of inert names that the released sd-v1 Lightning checkpoints carry
 (the ``ModelCheckpoint`` class used as a dict key, numpy scalars of callback scores).
-Writing is atomic: a temporary file in the same folder, fsync, then ``os.replace``.
+Writing is atomic: a temporary file in the same folder, fsync, then ``os.replace``. The temporary is
+named after its writer, ``.<name>.<host>-<pid>.<random>.tmp``: one that a killed writer left behind
+(same host, a process that no longer exists) is removed by the next write of that name and by
+``remove_stale_temporaries`` (the checkpoint callback calls it at train start); those of live
+processes (other DDP ranks, another run) and of other hosts are never touched. A write that fails
+(a full disk, a file size limit) raises ``WriteError``: one line naming the file and the system's
+reason; the file it was to replace is unchanged.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
 import pickle
 import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -37,6 +45,11 @@ FOLDER_WEIGHTS = (("model.safetensors.index.json", "model.safetensors"),
 
 class CheckpointError(ValueError):
     """A weight file that is missing, unreadable or of the wrong shape; the message names it."""
+
+
+class WriteError(OSError):
+    """A file that could not be written (disk full, file size limit, ...); the message names it and the
+    reason, and the previous version of the file is kept."""
 
 
 class _InertLightningCallback:
@@ -107,20 +120,90 @@ def weights_of(ckpt: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[^./]+\.tmp")
+
+
+def temporary_prefix(path: Path) -> str:
+    """The start of the name of this process's temporaries for ``path`` (see the module notes)."""
+    return f".{path.name}.{_host()}-{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete the temporaries in ``folder`` (those for ``name`` only, when given) whose writer was a
+    process of this host that no longer exists; returns them."""
+    folder, host, removed = Path(folder), _host(), []
+    if not folder.is_dir():
+        return removed
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            found = _TEMPORARY.fullmatch(entry.name)
+            if found is None or found["host"] != host or (name is not None and found["name"] != name):
+                continue
+            if not _alive(int(found["pid"])):
+                Path(entry.path).unlink(missing_ok=True)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def os_error_of(err: BaseException) -> OSError | None:
+    """The ``OSError`` with an errno behind ``err`` (itself, or its cause / context: torch and PIL wrap
+    the write error of the file object they write to)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def write_error(path: Path, err: OSError) -> WriteError:
+    """The one line of a failed write: the file, the system's reason and its errno name."""
+    code = errno.errorcode.get(err.errno, str(err.errno))
+    error = WriteError(f"{path}: not written: {err.strerror or os.strerror(err.errno)} ({code}); "
+                       "any previous version of the file is kept")
+    error.errno = err.errno
+    return error
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename. The body
+    only writes the temporary: an ``OSError`` behind what it raises becomes a ``WriteError``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))  # mkstemp made it 0600; give what a plain open() would
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, _file_mode(path))  # mkstemp made it 0600; give what a plain open() would
+            os.replace(tmp, path)
+        except Exception as err:
+            cause = os_error_of(err)
+            if cause is None or isinstance(err, WriteError):
+                raise
+            raise write_error(path, cause) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -144,7 +227,8 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike, metadata: M
             tensors = {k: v.detach().contiguous() for k, v in obj.items()}
             save_file(tensors, str(tmp), metadata=dict(metadata or {}))
         else:
-            torch.save(dict(obj), tmp)
+            with open(tmp, "wb") as f:  # through a Python file, so that a write error keeps its errno
+                torch.save(dict(obj), f)
     return path
 
 

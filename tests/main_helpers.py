@@ -60,14 +60,19 @@ def run_dirs(logdir: Path) -> list[Path]:
 def read_scalars(run: Path, tag: str) -> dict[int, float]:
     """step -> value of ``tag`` over the run's TensorBoard event files, later files winning
     (a resumed run rewrites the steps after its checkpoint)."""
+    return read_all_scalars(run).get(tag, {})
+
+
+def read_all_scalars(run: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of every scalar in the run's TensorBoard event files (as ``read_scalars``)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    values: dict[int, float] = {}
+    values: dict[str, dict[int, float]] = {}
     for events in sorted((run / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
+        for tag in acc.Tags()["scalars"]:
+            values.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
     return values
 
 

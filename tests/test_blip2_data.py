@@ -12,6 +12,7 @@ from blip2.data.captions import CaptionDataset, collate, pre_caption, read_capti
 from blip2.data.datamodule import CaptionDataModule
 from blip2.data.vqa import VQADataset, pre_question
 from blip2.processors import CLIP_MEAN, CLIP_STD, Blip2ImageProcessor
+from core.data.sampler import ResumableSampler
 from core.images import ImageLoadError
 
 CAPS = {"a.png": ["A dog running!", "the dog (brown)"], "b.png": ["Two cats; sleeping."]}
@@ -72,6 +73,25 @@ def test_train_items_and_collate(images):
     assert item["text_input"] == "a dog running"
     batch = collate([ds[i] for i in range(3)])
     assert batch["image"].shape == (3, 3, 16, 16) and batch["text_input"][1:] == ["the dog brown", "two cats sleeping"]
+
+
+def test_train_draws_depend_on_seed_epoch_and_item_only(images):
+    """Found by benchmarks/reliability.py: the augmentation drew from the global RNG, which the loader's
+    prefetch had advanced before a resumed run restored it, so resumed BLIP-2 runs diverged."""
+    (images / "caps.jsonl").write_text("\n".join(json.dumps({"image": n, "caption": c})
+                                                 for n, cs in CAPS.items() for c in cs))
+    ds = CaptionDataset(str(images / "caps.jsonl"), image_size=16, min_scale=0.2)
+    torch.manual_seed(1)
+    first = ds[0]["image"]
+    torch.manual_seed(2)
+    assert torch.equal(ds[0]["image"], first)  # the global RNG plays no part
+    assert ds.epoch_indexed and not torch.equal(ds[3]["image"], first)  # item 0 of epoch 1: new draws
+    assert ds[3]["text_input"] == ds[0]["text_input"]
+    other_seed = CaptionDataset(str(images / "caps.jsonl"), image_size=16, min_scale=0.2, seed=1)
+    assert not torch.equal(other_seed[0]["image"], first)
+    sampler = ResumableSampler(len(ds), seed=0, epoch_index=True)
+    sampler.set_epoch(1)
+    assert sorted(sampler) == [3, 4, 5]
 
 
 def test_eval_items_group_raw_references(images):

@@ -185,6 +185,28 @@ def test_an_interrupted_run_resumes_without_touching_what_was_written(model, ref
     assert not hasattr(again, "made")
 
 
+def test_a_run_killed_inside_a_batch_resumes_to_the_same_bytes(model, tmp_path, monkeypatch):
+    """The resumed run samples the interrupted batch whole again: the files equal an uninterrupted
+    run's byte for byte (a batch of one would round differently)."""
+    whole = tmp_path / "whole"
+    sampler(whole).on_fit_start(fake_trainer(), model)
+    folder, real_save = tmp_path / "class", class_images.save_png
+
+    def die_after_first(image, path, info):
+        if path.name != "class_00000.png":
+            raise KeyboardInterrupt("killed")
+        return real_save(image, path, info)
+
+    monkeypatch.setattr(class_images, "save_png", die_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        sampler(folder).on_fit_start(fake_trainer(), model)
+    monkeypatch.setattr(class_images, "save_png", real_save)
+    resumed = sampler(folder)
+    resumed.on_fit_start(fake_trainer(), model)
+    assert resumed.made == [1, 2] and class_images.blocks([1, 2], 2) == [([0, 1], [1]), ([2], [2])]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {p.name: p.read_bytes() for p in whole.iterdir()}
+
+
 def test_images_of_any_name_count_and_a_missing_class_word_is_one_clear_error(model, tmp_path):
     folder = tmp_path / "pre-generated"
     folder.mkdir()

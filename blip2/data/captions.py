@@ -11,7 +11,10 @@ Relative image paths are taken from ``image_root`` (default: the annotation file
 
 ``CaptionDataset`` in ``train`` mode yields one item per caption: ``{"image": [3, s, s],
 "text_input": caption}``, the image augmented (``TrainTransform``) and the caption cleaned as LAVIS's
-``BlipCaptionProcessor``; in ``eval`` mode one item per image: ``{"image", "image_id", "references"}``
+``BlipCaptionProcessor``. Its augmentation draws come from a generator seeded with ``(seed, index)``,
+where the sampler numbers items by epoch (``core.data.sampler``, ``epoch_indexed``: index
+``e * n + i`` is item ``i`` in epoch ``e``), so they are the same in a resumed run and for any
+number of workers; in ``eval`` mode one item per image: ``{"image", "image_id", "references"}``
 with the raw captions (coco-caption scores raw text). Images are read with ``core.images.load_rgb``,
 so a bad file fails by name.
 """
@@ -24,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -155,13 +159,15 @@ class CaptionDataset(Dataset):
 
     def __init__(self, source: str, image_root: str | None = None, split: str | Sequence[str] | None = None,
                  mode: str = "train", image_size: int = 224, min_scale: float = 0.5, max_scale: float = 1.0,
-                 max_words: int = 50, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+                 max_words: int = 50, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                 seed: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {MODES}")
         pairs = read_captions(source, image_root, split)
         if not pairs:
             raise ValueError(f"{source}: no captions" + (f" in split {split!r}" if split is not None else ""))
-        self.mode, self.max_words = mode, max_words
+        self.mode, self.max_words, self.seed = mode, max_words, seed
+        self.epoch_indexed = mode == "train"  # indices e * n + i seed the augmentation (module notes)
         self.groups = group_by_image(pairs)
         missing = [p for p in self.groups if not p.is_file()]
         if missing:
@@ -175,8 +181,9 @@ class CaptionDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        path, text = self.items[i]
-        image = self.transform(load_rgb(path))  # (3, s, s)
+        path, text = self.items[i % len(self.items)]
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence((self.seed, i)).generate_state(1)[0]))
+        image = self.transform(load_rgb(path), gen)  # (3, s, s)
         if self.mode == "train":
             return {"image": image, "text_input": pre_caption(text, self.max_words)}
         return {"image": image, "image_id": str(path), "references": list(text)}

@@ -14,15 +14,20 @@ the uninterrupted run's losses and weights bit for bit. How:
 2. A resumed run restores the RNG states at the same point, its first ``on_train_batch_start``.
 3. Files are written atomically (``AtomicCheckpointIO``); ``last.ckpt`` is a hard link to the newest
    step file (a copy where links are not possible), replaced in one rename.
-4. SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) set a flag; at the next optimizer-step boundary every rank
-   agrees to stop, the state is saved and training ends cleanly. A second Ctrl-C interrupts at once
-   (``KeyboardInterrupt``), as an exception does.
+4. SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) set a flag (``core.signals``); at the next optimizer-step
+   boundary every rank agrees to stop, the state is saved and training ends cleanly. A second
+   Ctrl-C interrupts at once (``KeyboardInterrupt``), as an exception does.
 5. An exception saves ``last.ckpt`` only when the state is that of a step boundary: when it struck
    in data loading, the forward or the backward pass (the weights, optimizer and EMA are still those
    of the last finished step), or between two batches. From the optimizer step of a batch until the
    last of its end hooks has run (the optimizer's per-parameter updates, the EMA update), and during
    validation, the state is half-way, and nothing is written: the last checkpoint stays the newest,
    and one line says which it is.
+6. A checkpoint that cannot be written (a full disk, a file size limit) stops the run with one line
+   (``core.weights.WriteError``: the file, the reason, and which step ``last.ckpt`` still is); the
+   previous checkpoints are untouched and nothing is retried. The temporaries that killed writers
+   left in the checkpoint folder are removed at train start (``core.weights.remove_stale_temporaries``:
+   never those of a live process, e.g. another rank).
 """
 from __future__ import annotations
 
@@ -31,7 +36,6 @@ import os
 import random
 import shutil
 import signal
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -43,9 +47,10 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from core.weights import load_checkpoint, save_checkpoint
+from core.signals import StopSignals
+from core.weights import (WriteError, load_checkpoint, remove_stale_temporaries, save_checkpoint,
+                          temporary_prefix, write_error)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 STEP_FILE = "step-{:06d}.ckpt"
 LAST_FILE = "last.ckpt"
 
@@ -103,13 +108,17 @@ def loop_state(trainer: pl.Trainer) -> dict[str, Any]:
 
 def publish(src: Path, dst: Path) -> None:
     """Make ``dst`` the same file as ``src`` (a hard link, else a copy) in one atomic rename."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = dst.with_name(f"{temporary_prefix(dst)}link.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(dst, err) from None
 
 
 def _batches(trainer: pl.Trainer) -> Any:
@@ -147,14 +156,7 @@ class ResumableCheckpoint(Checkpoint):
         self._rng_to_restore: list[dict[str, Any]] | None = None
         self._save_due = self._writing = False
         self._last_step, self._saved_step = -1, -1
-        self._signal: int | None = None
-        self._previous_handlers: dict[int, Any] = {}
-
-    # ---- signals ----------------------------------------------------------------------------
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self._signal == signal.SIGINT:
-            raise KeyboardInterrupt  # Ctrl-C twice: stop now (saved only at a consistent point, see on_exception)
-        self._signal = signum
+        self._stops = StopSignals()  # Ctrl-C twice raises at once: saved only at a consistent point (on_exception)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Install the stop handlers (after Lightning installed its own, which they replace)."""
@@ -162,18 +164,21 @@ class ResumableCheckpoint(Checkpoint):
         self._stepping_batch, self._at_boundary, self._validating = -1, True, False
         if trainer.ckpt_path and self._saved_step < 0:  # resumed: that checkpoint is the newest saved state
             self._saved_step = trainer.global_step
-        if threading.current_thread() is threading.main_thread():
-            self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        stale = remove_stale_temporaries(self.dirpath)
+        if stale:
+            rank_zero_info(f"{self.dirpath}: removed {len(stale)} temporary file(s) left by a killed writer")
+        self._stops.install()
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and connector.received_sigterm:  # Lightning's handler, before ours was there
+            self._stops.received, connector.received_sigterm = signal.SIGTERM, False  # stop at our boundary
 
     def _restore_handlers(self) -> None:
         """Put back the handlers found at train start (before Lightning's teardown restores its own)."""
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
-        self._previous_handlers = {}
+        self._stops.restore()
 
     def _stop_requested(self, trainer: pl.Trainer) -> bool:
         """True on every rank when any rank got a stop signal (a collective, once per batch)."""
-        return trainer.strategy.reduce_boolean_decision(self._signal is not None, all=False)
+        return trainer.strategy.reduce_boolean_decision(self._stops.received is not None, all=False)
 
     # ---- when to save -------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -222,13 +227,11 @@ class ResumableCheckpoint(Checkpoint):
         """Save ``last.ckpt`` from this process alone (other ranks may be stuck in a collective), when the
         state is that of a step boundary (module notes, 5)."""
         self._restore_handlers()
-        if self._loops is None:
-            return  # no training step finished in this run: nothing new to save
+        if self._loops is None or isinstance(exception, WriteError):
+            return  # no training step finished in this run, or a save failed (its message says what is kept)
         if not self._consistent(trainer):
-            kept = f"{self.dirpath / LAST_FILE} is step {self._saved_step}" if self._saved_step >= 0 else \
-                f"the newest checkpoint in {self.dirpath} (if any) is from before this run"
             rank_zero_info(f"{type(exception).__name__} during the optimizer step or the updates after it "
-                           f"(step {trainer.global_step}): the state is half-way, not saved; {kept}")
+                           f"(step {trainer.global_step}): the state is half-way, not saved; {self._kept()}")
             return
         # the RNG as the first batch after the step started (or as it stands, when none has yet)
         rng = rng_state() if self._at_boundary or self._rng_at_boundary is None else self._rng_at_boundary
@@ -238,10 +241,19 @@ class ResumableCheckpoint(Checkpoint):
             try:
                 checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
                 trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.dirpath / LAST_FILE)
+            except WriteError as err:  # the exception being handled stays the one reported
+                rank_zero_info(f"{type(exception).__name__} during training, and {err}")
+                return
             finally:
                 self._writing = False
             rank_zero_info(f"{type(exception).__name__} during training: saved {self.dirpath / LAST_FILE} "
                            f"at step {trainer.global_step}")
+
+    def _kept(self) -> str:
+        """Which checkpoint is the newest saved state (for the lines of a run that stops unsaved)."""
+        if self._saved_step >= 0:
+            return f"{self.dirpath / LAST_FILE} is step {self._saved_step}"
+        return f"the newest checkpoint in {self.dirpath} (if any) is from before this run"
 
     # ---- writing ------------------------------------------------------------------------------
     def _save(self, trainer: pl.Trainer) -> None:
@@ -254,6 +266,8 @@ class ResumableCheckpoint(Checkpoint):
         self._writing = True
         try:
             trainer.save_checkpoint(path, weights_only=False)
+        except WriteError as err:
+            raise WriteError(f"{err}; the run stops: {self._kept()}") from None
         finally:
             self._writing = False
         self._saved_step = trainer.global_step

@@ -5,7 +5,8 @@ be made by a callback in ``on_fit_start`` (DreamBooth's class images), after set
 fit loop asks for data. Subclasses change ``train_dataset()`` (DreamBooth pairs instance and class
 images) or ``collate`` (BLIP-2's caption batches).
 
-The order comes from a :class:`ResumableSampler` (sharded by rank; Lightning's automatic
+The order comes from a :class:`ResumableSampler` (sharded by rank; a data set whose
+``epoch_indexed`` is true gets epoch-numbered indices to seed its augmentations with; Lightning's automatic
 ``DistributedSampler`` must be off: ``Trainer(use_distributed_sampler=False)``). Its state, the
 epoch and the samples consumed by the finished batches, is saved in every checkpoint through
 ``state_dict()``, so a run resumed mid-epoch sees exactly the batches the uninterrupted run saw.
@@ -59,7 +60,8 @@ class DataModuleFromConfig(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
         rank, world = self._rank()
-        self.sampler = ResumableSampler(len(dataset), self.seed, self.shuffle, num_replicas=world, rank=rank)
+        self.sampler = ResumableSampler(len(dataset), self.seed, self.shuffle, num_replicas=world, rank=rank,
+                                        epoch_index=getattr(dataset, "epoch_indexed", False))
         if self._sampler_state is not None:
             self.sampler.load_state_dict(self._sampler_state)
             self._sampler_state = None

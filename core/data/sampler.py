@@ -11,6 +11,11 @@ Notation: ``n`` items, ``R`` processes (ranks), rank ``r``, epoch ``e``.
 
 The state is ``(epoch, c)``: a run resumed with it yields exactly the items the uninterrupted run
 still had to see in that epoch.
+
+4. With ``epoch_index``, item ``i`` of epoch ``e`` is yielded as ``e * n + i``: a data set that
+   draws random augmentations seeds them with that number (and takes item ``index % n``), so its
+   draws depend on the seed, the epoch and the item only, never on the global RNG, the DataLoader
+   workers or how far the loader prefetched; a resumed run draws what the uninterrupted one did.
 """
 from __future__ import annotations
 
@@ -24,13 +29,14 @@ from torch.utils.data import Sampler
 class ResumableSampler(Sampler[int]):
     """Yields rank ``rank``'s share of epoch ``epoch``'s order, from position ``consumed`` on."""
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
+                 epoch_index: bool = False):
         if size < 1:
             raise ValueError(f"ResumableSampler: the data set is empty (size={size})")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"ResumableSampler: rank {rank} is not in [0, {num_replicas})")
         self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.epoch_index = num_replicas, rank, epoch_index
         self.epoch, self.consumed = 0, 0
 
     def total(self) -> int:
@@ -55,8 +61,8 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         """The rest of this epoch for this rank; the next iterator starts the epoch afresh."""
         perm, start = self.order(self.epoch), self.consumed
-        self.consumed = 0
-        return iter([perm[p % self.size] for p in range(start + self.rank, self.total(), self.num_replicas)])
+        self.consumed, offset = 0, self.epoch * self.size if self.epoch_index else 0
+        return iter([offset + perm[p % self.size] for p in range(start + self.rank, self.total(), self.num_replicas)])
 
     def state_dict(self, consumed: int) -> dict[str, Any]:
         """The state after ``consumed`` positions (all ranks together) of the current epoch."""

@@ -4,14 +4,19 @@ sampled by the base model before training when ``class_data_root`` holds too few
 1. The folder is listed on every rank; it needs ``num_class_images - (images present)`` more
    (images of any name count, so a pre-generated set is used as it is). Those are the first
    missing indices i in ``0..num_class_images-1``, each written as ``class_{i:05d}.png``.
-2. Every rank has listed the folder before any writes (a barrier), then takes every
-   ``world_size``-th missing index from its ``global_rank``.
+2. Every rank has listed the folder before any writes (a barrier). The indices fall into blocks
+   ``[b * batch_size, (b + 1) * batch_size)``; rank r takes the blocks b with b % world_size == r.
 3. Image i comes from DDIM + CFG on ``prompt.format(class_word)`` starting from noise seeded
-   with ``base_seed + i`` (``ldm.txt2img``): the set is the same for any batch size,
-   rank count or interruption (up to the float rounding of batched kernels: a pixel may differ
-   by one level). Files are written atomically as soon as their batch is done, with
-   the prompt and seed in the PNG text chunks; a restarted run makes only what is still missing.
-4. A barrier, then training starts (the data sets are built after ``on_fit_start``).
+   with ``base_seed + i`` (``ldm.txt2img``). A batch is always a whole block (cut after the last
+   index needed), also when some of its images exist already (they are sampled again, not
+   written), so the set is the same byte for byte for any rank count or interruption; another
+   batch size may differ by the float rounding of batched kernels (a pixel by one level).
+   Files are written atomically as soon as their batch is done, with
+   the prompt and seed in the PNG text chunks; a restarted run makes only what is still missing
+   (temporaries a killed run left are removed first, ``core.weights.remove_stale_temporaries``).
+4. SIGTERM, SIGUSR1 or Ctrl-C (``core.signals``) stop the generation when the batch in flight is
+   written: ``core.cli.Stopped``, one line saying how many images are there (main.py: exit status 1).
+5. A barrier, then training starts (the data sets are built after ``on_fit_start``).
 
 ``precision`` (diffusers' ``prior_generation_precision``): fp32 samples as before, under the trainer's
 own forward context; fp16 / bf16 sample under ``torch.autocast`` with that dtype (fp16 needs CUDA,
@@ -37,8 +42,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm import tqdm
 
+from core.cli import Stopped
 from core.config import DTYPES
 from core.images import list_images, save_png
+from core.signals import StopSignals
+from core.weights import remove_stale_temporaries
 from ldm.data.concepts import parse_concepts
 from ldm.data.personalized import fill_template
 from ldm.txt2img import sampling_mode, trained_resolution, txt2img
@@ -64,8 +72,13 @@ class ClassSet:
     prompt: str
 
 
-def chunks(items: Sequence[int], size: int) -> list[Sequence[int]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def blocks(indices: Sequence[int], size: int) -> list[tuple[list[int], list[int]]]:
+    """(the batch to sample, the indices of it to write) for each block of ``indices`` (module notes, 3)."""
+    wanted: dict[int, list[int]] = {}
+    for i in indices:
+        wanted.setdefault(i // size, []).append(i)
+    end = max(indices, default=-1) + 1
+    return [(list(range(b * size, min((b + 1) * size, end))), todo) for b, todo in wanted.items()]
 
 
 class ClassImageSampler(pl.Callback):
@@ -93,6 +106,7 @@ class ClassImageSampler(pl.Callback):
         self.prompt, self.resolution, self.negative_prompt = prompt, resolution, negative_prompt
         self.precision = precision
         self.concepts = parse_concepts(concepts)
+        self._stops = StopSignals()
 
     def class_sets(self) -> list[ClassSet]:
         """The folders to fill: ``class_data_root``, or each concept's (one entry a folder)."""
@@ -133,11 +147,13 @@ class ClassImageSampler(pl.Callback):
                                  "was given to generate them (pass --class_word, e.g. --class_word dog)")
         trainer.strategy.barrier()  # every rank has listed the folders before anyone writes to them
         for s, missing in todo:
+            if trainer.global_rank == 0:
+                remove_stale_temporaries(s.root)
             if missing:
                 rank_zero_info(f"{s.root}: generating {len(missing)} class images of {s.prompt!r}")
-            mine = missing[trainer.global_rank::trainer.world_size]
+            mine = [i for i in missing if (i // self.batch_size) % trainer.world_size == trainer.global_rank]
             if mine:
-                with trainer.precision_plugin.forward_context(), autocast, sampling_mode(pl_module):
+                with self._stops, trainer.precision_plugin.forward_context(), autocast, sampling_mode(pl_module):
                     self.generate(pl_module, mine, progress=trainer.global_rank == 0, class_set=s)
         trainer.strategy.barrier()
 
@@ -150,14 +166,20 @@ class ClassImageSampler(pl.Callback):
         resolution = self.resolution or trained_resolution(model)
         written = []
         with tqdm(total=len(indices), desc="class images", disable=not progress) as bar:
-            for chunk in chunks(indices, self.batch_size):
-                seeds = [self.base_seed + i for i in chunk]
-                images = txt2img(model, [prompt] * len(chunk), seeds, resolution, resolution, self.ddim_steps,
+            for batch, todo in blocks(indices, self.batch_size):
+                seeds = [self.base_seed + i for i in batch]
+                images = txt2img(model, [prompt] * len(batch), seeds, resolution, resolution, self.ddim_steps,
                                  self.scale, self.eta, self.negative_prompt)
-                for i, seed, image in zip(chunk, seeds, images):
+                for i, seed, image in zip(batch, seeds, images):
+                    if i not in todo:
+                        continue
                     info = dict(prompt=prompt, negative_prompt=self.negative_prompt, seed=seed, index=i,
                                 sampler="ddim", steps=self.ddim_steps, scale=self.scale, eta=self.eta,
                                 resolution=resolution)
                     written.append(save_png(image, root / CLASS_FILE.format(i), info))
-                bar.update(len(chunk))
+                bar.update(len(todo))
+                if self._stops.received is not None:
+                    raise Stopped(f"{self._stops.name}: stopped while generating class images: "
+                                  f"{len(list_images(root))} of {class_set.num_images} are in {root}; "
+                                  "run the same command again to continue")
         return written
