@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,23 +23,40 @@ def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def command_path(command: str) -> Path:
+    return Path(sys.executable).parent / command
+
+
+@pytest.fixture(scope="module")
+def helps(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """``--help`` of every script, module and command, from a folder outside the repository; two at a
+    time (each process spends its seconds importing torch and lightning, on one thread)."""
+    cwd = tmp_path_factory.mktemp("elsewhere")
+    argvs = {**{s: [sys.executable, str(ROOT / s), "--help"] for s in SCRIPTS},
+             **{m: [sys.executable, "-m", m, "--help"] for m in MODULES},
+             **{c: [str(command_path(c)), "--help"] for c in COMMANDS if command_path(c).is_file()}}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = {name: pool.submit(run, argv, cwd) for name, argv in argvs.items()}
+        return {name: future.result() for name, future in done.items()}
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_scripts_run_outside_the_repository(script, tmp_path):
-    proc = run([sys.executable, str(ROOT / script), "--help"], tmp_path)
+def test_scripts_run_outside_the_repository(script, helps):
+    proc = helps[script]
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("module", MODULES)
-def test_modules_run_outside_the_repository(module, tmp_path):
-    proc = run([sys.executable, "-m", module, "--help"], tmp_path)
+def test_modules_run_outside_the_repository(module, helps):
+    proc = helps[module]
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_installed_commands(command, tmp_path):
-    exe = Path(sys.executable).parent / command
+def test_installed_commands(command, helps):
+    exe = command_path(command)
     assert exe.is_file(), f"{exe}: not installed (pip install -e . installs the console scripts of setup.py)"
-    proc = run([str(exe), "--help"], tmp_path)
+    proc = helps[command]
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
 
 
