@@ -144,11 +144,15 @@ def parse_concepts(concepts: Any) -> list[Concept] | None:
     return parsed
 
 
+def check_photo_folder(where: str, root: str) -> None:
+    """The folder of a subject's photos exists and holds images (``where`` names its setting)."""
+    if not Path(root).is_dir():
+        raise ValueError(f"{where} {root}: no such folder (expected the subject's photos)")
+    if not list_images(root):
+        raise ValueError(f"{where} {root}: the folder holds no images (.jpg, .png, ...)")
+
+
 def check_photo_folders(concepts: Sequence[Concept]) -> None:
     """Every concept's ``data_root`` is a folder that holds images (before anything is built)."""
     for k, c in enumerate(concepts):
-        name = f"{KEY}[{k}] ({c.identifier})"
-        if not Path(c.data_root).is_dir():
-            raise ValueError(f"{name}: data_root {c.data_root}: no such folder (expected the subject's photos)")
-        if not list_images(c.data_root):
-            raise ValueError(f"{name}: data_root {c.data_root}: the folder holds no images (.jpg, .png, ...)")
+        check_photo_folder(f"{KEY}[{k}] ({c.identifier}): data_root", c.data_root)

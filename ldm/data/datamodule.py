@@ -2,7 +2,6 @@
 with the class images (``DreamBoothPairs``), for one subject or several (``ldm.data.concepts``)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -10,8 +9,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from core.config import instantiate_from_config
 from core.data.datamodule import DataModuleFromConfig as CoreDataModule
-from core.images import list_images
-from ldm.data.concepts import Concept, check_photo_folders, parse_concepts
+from ldm.data.concepts import Concept, check_photo_folder, check_photo_folders, parse_concepts
 from ldm.data.personalized import DreamBoothPairs
 
 SINGLE_SUBJECT = (("data.params.train.params.data_root", "--data_root (dreambooth.data_root)"),
@@ -92,10 +90,7 @@ class DreamBoothDataModule(CoreDataModule):
         root = OmegaConf.select(config, "data.params.train.params.data_root")
         if root is None:
             raise ValueError("--data_root is required: the folder of instance images (dreambooth.data_root)")
-        if not Path(root).is_dir():
-            raise ValueError(f"--data_root {root}: no such folder (expected the instance images)")
-        if not list_images(root):
-            raise ValueError(f"--data_root {root}: the folder holds no images (.jpg, .png, ...)")
+        check_photo_folder("--data_root", root)
         class_root = OmegaConf.select(config, "data.params.class_images.params.data_root")
         if class_root is not None and not OmegaConf.select(config, "data.params.class_images.params.class_word"):
             raise ValueError(f"--class_word is required with --reg_data_root {class_root}: class images are "
