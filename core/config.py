@@ -23,9 +23,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # user's leave, only the project's classes and builders, and classes of torch.nn / torch.optim and
 # lightning's callbacks and loggers are built (a config from elsewhere cannot run
 # ``os.system`` or ``torch.load``); ``DB2_ALLOW_TARGETS=pkg1,pkg2.mod`` allows more, by prefix.
-ALLOWED_TARGETS = ("core.", "ldm.", "blip2.", "toy.", "torch.nn.", "torch.optim.", "lightning.pytorch.callbacks.",
-                   "lightning.pytorch.loggers.", "pytorch_lightning.callbacks.", "pytorch_lightning.loggers.")
-CLASSES_ONLY = ALLOWED_TARGETS[4:]  # torch and lightning: classes only (never torch.load and the like)
+PROJECT_TARGETS = ("core.", "ldm.", "blip2.", "toy.")
+CLASSES_ONLY = ("torch.nn.", "torch.optim.", "lightning.pytorch.callbacks.", "lightning.pytorch.loggers.",
+                "pytorch_lightning.callbacks.", "pytorch_lightning.loggers.")  # never torch.load and the like
+ALLOWED_TARGETS = PROJECT_TARGETS + CLASSES_ONLY
 ALLOW_ENV = "DB2_ALLOW_TARGETS"
 SIMPLE_TYPES = (bool, int, float, str, type(None))
 

@@ -150,6 +150,7 @@ class ResumableCheckpoint(Checkpoint):
         self.every_n_steps, self.keep_last = every_n_steps, keep_last
         self._loops: dict[str, Any] | None = None  # loop counters at the end of the last finished step
         self._rng_at_boundary: dict[str, Any] | None = None  # as the first batch after that step started
+        self._at_boundary = True  # no batch has started since the last finished step (or the run's start)
         self._stepping_batch = -1  # the batch (Lightning's count of fetched batches) of the last optimizer step
         self._validating = False
         self._rng_ranks: list[dict[str, Any]] = []  # what the checkpoint being written stores
@@ -171,10 +172,6 @@ class ResumableCheckpoint(Checkpoint):
         connector = getattr(trainer, "_signal_connector", None)
         if connector is not None and connector.received_sigterm:  # Lightning's handler, before ours was there
             self._stops.received, connector.received_sigterm = signal.SIGTERM, False  # stop at our boundary
-
-    def _restore_handlers(self) -> None:
-        """Put back the handlers found at train start (before Lightning's teardown restores its own)."""
-        self._stops.restore()
 
     def _stop_requested(self, trainer: pl.Trainer) -> bool:
         """True on every rank when any rank got a stop signal (a collective, once per batch)."""
@@ -221,12 +218,12 @@ class ResumableCheckpoint(Checkpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._loops is not None:
             self._save(trainer)
-        self._restore_handlers()
+        self._stops.restore()  # the handlers found at train start, before Lightning's teardown restores its own
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Save ``last.ckpt`` from this process alone (other ranks may be stuck in a collective), when the
         state is that of a step boundary (module notes, 5)."""
-        self._restore_handlers()
+        self._stops.restore()
         if self._loops is None or isinstance(exception, WriteError):
             return  # no training step finished in this run, or a save failed (its message says what is kept)
         if not self._consistent(trainer):
