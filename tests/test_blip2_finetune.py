@@ -390,3 +390,18 @@ def test_checkpoints_are_lean_and_complete_from_the_base_folder(folder, tmp_path
     changed = Blip2OPTFinetune(pretrained=str(base), freeze_vit=True, prompt=PROMPT)
     with pytest.raises(CheckpointError, match="have changed"):
         make_trainer(max_steps=3, max_epochs=2, precision="bf16-mixed").fit(changed, data, ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def test_checkpoint_size_counts_what_stage_2_trains():
+    """benchmarks/checkpoint_size.py (the README's figure): the trained part is the Q-Former, its queries,
+    the projection and ln_vision; the lean checkpoint keeps those and their two AdamW moments only."""
+    from benchmarks.checkpoint_size import sizes
+    from blip2.config import blip2_opt
+
+    model = Blip2OPT.from_config(blip2_opt("2.7b"), device="meta")
+    trained = [p for n, p in model.named_parameters()
+               if n.startswith(("qformer.", "query_tokens", "language_projection.", "vision_model.post_layernorm."))]
+    s = sizes("2.7b")
+    assert s["trained"] == sum(p.numel() for p in trained)
+    assert s["params"] == sum(p.numel() for p in model.parameters())
+    assert s["lean"] == 12 * s["trained"] and s["full_fp32"] - s["lean"] == 4 * (s["params"] - s["trained"])
