@@ -18,12 +18,12 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from core.weights import atomic_path
@@ -129,16 +129,33 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (rearrange(x, "b c h w -> b h w c").cpu().numpy() * 255.0).round().astype(np.uint8)
 
 
-def make_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> one image with ``nrow`` images per row, white padding between."""
+def make_grid(images: np.ndarray, nrow: int, pad: int = 2, labels: Sequence[str] | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one image with ``nrow`` images per row, white padding between; ``labels``
+    (one per row, e.g. the row's prompt) are written in black on a white strip left of their rows."""
     n, h, w, c = images.shape
     rows = -(-n // nrow)
+    if labels is not None and len(labels) != rows:
+        raise ValueError(f"make_grid: {len(labels)} labels for {rows} rows")
     canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i, img in enumerate(images):
         r, col = divmod(i, nrow)
         y, x = pad + r * (h + pad), pad + col * (w + pad)
         canvas[y:y + h, x:x + w] = img
-    return canvas
+    return canvas if labels is None else _label_rows(canvas, labels, h, pad)
+
+
+MAX_LABEL = 60  # characters of a row label; longer ones end in "..."
+
+
+def _label_rows(canvas: np.ndarray, labels: Sequence[str], h: int, pad: int) -> np.ndarray:
+    texts = [t if len(t) <= MAX_LABEL else t[:MAX_LABEL - 3] + "..." for t in map(str, labels)]
+    font = ImageFont.load_default(size=max(8, min(24, h // 3)))
+    width = max(font.getbbox(t)[2] for t in texts) + 2 * pad + 4 if texts else 0
+    strip = Image.new("RGB", (width, canvas.shape[0]), "white")
+    draw = ImageDraw.Draw(strip)
+    for r, text in enumerate(texts):
+        draw.text((pad + 2, pad + r * (h + pad) + h // 2), text, fill="black", font=font, anchor="lm")
+    return np.concatenate([np.asarray(strip, dtype=np.uint8), canvas], axis=1)
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike, info: Mapping[str, Any] | None = None) -> Path:

@@ -18,7 +18,6 @@ import itertools
 import inspect
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from core.callbacks.checkpointing import AtomicCheckpointIO, RankSeed, ResumableCheckpoint
 from core.callbacks.finite import StopOnNonFinite
+from core.callbacks.progress import StepProgressBar, quiet_libraries
 from core.cli import ArgumentParser, run_cli
 from core.config import check_params, get_obj_from_str, instantiate_from_config, load_config
 from core.weights import CheckpointError, atomic_path
@@ -232,6 +232,8 @@ def build_callbacks(config: DictConfig, logdir: Path) -> list[pl.Callback]:
     checkpoint = OmegaConf.to_container(OmegaConf.select(config, "lightning.checkpoint") or {})
     callbacks += [ResumableCheckpoint(logdir / "checkpoints", **checkpoint), RankSeed(config.lightning.seed),
                   StopOnNonFinite(), LearningRateMonitor(logging_interval="step")]
+    if not any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks):
+        callbacks.append(StepProgressBar())
     return callbacks
 
 
@@ -256,8 +258,11 @@ def trainer_kwargs(config: DictConfig) -> dict[str, Any]:
 
 
 def build_trainer(config: DictConfig, logdir: Path) -> pl.Trainer:
+    """Lightning's module table is off unless the config asks for it: ``report_parameters`` says the
+    one figure a user needs from it."""
     logger = TensorBoardLogger(save_dir=str(logdir), name="tensorboard", version="", default_hp_metric=False)
-    return pl.Trainer(**trainer_kwargs(config), default_root_dir=str(logdir), logger=logger,
+    kwargs = {"enable_model_summary": False, **trainer_kwargs(config)}
+    return pl.Trainer(**kwargs, default_root_dir=str(logdir), logger=logger,
                       callbacks=build_callbacks(config, logdir), plugins=[AtomicCheckpointIO()],
                       use_distributed_sampler=False)
 
@@ -314,19 +319,43 @@ def train(opt: argparse.Namespace, config: DictConfig, model: Any, data: Any, lo
                                                                             default=True)
     set_learning_rate(model, config, trainer, bool(scale_lr))
     if opt.train:
+        report_parameters(model)
         trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None, weights_only=True)
     if not opt.no_test and OmegaConf.select(config, "data.params.validation") and not trainer.interrupted:
         # without -t, -r validates the resumed weights (with -t, fit has loaded them already)
         trainer.validate(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt and not opt.train else None,
                          weights_only=True)
+    report_outputs(logdir)
     return 0
+
+
+def count(n: int) -> str:
+    return next(f"{n / d:.{p}f} {u}".rstrip() for d, u, p in ((1e9, "B", 2), (1e6, "M", 1), (1e3, "k", 1), (1, "", 0))
+                if n >= d or d == 1)
+
+
+def report_parameters(model: Any) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    rank_zero_info(f"parameters: {count(trainable)} trained of {count(total)}")
+
+
+def report_outputs(logdir: Path) -> None:
+    """One line: the run folder and what it holds (the newest checkpoint, export, image grid)."""
+    if not is_rank_zero():
+        return
+    parts = []
+    for sub, pattern in (("checkpoints", "last.ckpt"), ("export", "*"), ("images", "step-*/grid.png")):
+        found = sorted((logdir / sub).glob(pattern)) if (logdir / sub).is_dir() else []
+        if found:  # step folders sort by their zero-padded numbers
+            parts.append(str(found[-1].relative_to(logdir)))
+    if (logdir / "tensorboard").is_dir():
+        parts.append("tensorboard/")
+    rank_zero_info(f"outputs: {logdir}/ ({', '.join(parts) or 'nothing saved'})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run; a bad input is one line on stderr and exit status 2."""
-    # our DataModule resumes mid-epoch itself (ldm/data/datamodule.py), without Lightning's help
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-    # the frozen VAE (and a frozen text encoder) stay in eval mode on purpose
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+    quiet_libraries()
     return run_cli("main.py", lambda args: run(*parse_args(args)), argv,
                    errors=(ValueError, FileNotFoundError, OmegaConfBaseException, MisconfigurationException))

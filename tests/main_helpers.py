@@ -48,8 +48,12 @@ def start_main(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run_main(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=_env(),
+def run_main(args: list[str], cwd: Path, timeout: float = 300, warnings: bool = False) -> subprocess.CompletedProcess:
+    """``warnings``: Python's default warning filters, as a user's console has them."""
+    env = _env()
+    if warnings:
+        del env["PYTHONWARNINGS"]
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.images import ImageLoadError, is_image_file, list_images, load_rgb, to_rgb
+from core.images import ImageLoadError, is_image_file, list_images, load_rgb, make_grid, to_rgb
 
 
 def _rgb(path) -> np.ndarray:
@@ -132,3 +132,21 @@ def test_next_index_follows_the_highest_number_so_a_gap_is_never_overwritten(tmp
     assert next_index(tmp_path, "grid-*.png") == 4
     with pytest.raises(ValueError, match="no '\\*'"):
         next_index(tmp_path, "grid.png")
+
+
+def test_grid_rows_are_labelled_with_their_text():
+    """make_grid(labels=...): a white strip left of the rows, with dark text beside each labelled row
+    only, the images themselves unchanged to the right of it."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    plain = make_grid(images, nrow=2)
+    labelled = make_grid(images, nrow=2, labels=["a sks circle", "a circle", ""])
+    strip = labelled.shape[1] - plain.shape[1]
+    assert strip > 20 and labelled.shape[0] == plain.shape[0]
+    np.testing.assert_array_equal(labelled[:, strip:], plain)
+    ink = (labelled[:, :strip] < 128).any(axis=(1, 2))
+    bands = [ink[2 + r * 34: 2 + r * 34 + 32].sum() for r in range(3)]
+    assert bands[0] > 3 and bands[1] > 3 and bands[2] == 0  # the empty label writes nothing
+    assert make_grid(images, nrow=2, labels=["a" * 200, "b", "c"]).shape[1] < labelled.shape[1] * 4
+    with pytest.raises(ValueError, match="2 labels for 3 rows"):
+        make_grid(images, nrow=2, labels=["x", "y"])

@@ -31,7 +31,8 @@ def run(files):
                      "--data_root", str(files["instance"]), "--reg_data_root", str(tmp / "reg"),
                      "--class_word", "dog", "-n", "e2e", "-l", str(tmp / "logs"),
                      f"lightning.trainer.max_steps={STEPS}", f"dreambooth.num_class_images={CLASS_IMAGES}",
-                     "lightning.callbacks.image_logger.params.every_n_steps=1", "notes.free_form=kept"], tmp)
+                     "lightning.callbacks.image_logger.params.every_n_steps=1", "notes.free_form=kept"], tmp,
+                    warnings=True)
     bad_out = bad.communicate(timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {"proc": proc, "dir": run_dirs(tmp / "logs")[0], "bad": (bad.returncode, bad_out[1])}
@@ -61,6 +62,20 @@ def test_losses_logged_to_tensorboard_and_progress_bar(run):
     for tag in ("train/loss", "train/loss_instance", "train/loss_class"):
         assert sorted(read_scalars(run["dir"], tag)) == list(range(STEPS)), tag
     assert "train/loss" in run["proc"].stdout + run["proc"].stderr
+
+
+def test_the_console_shows_what_a_user_needs_and_no_library_noise(run):
+    """Class-image progress, one bar counting optimizer steps of max_steps (not "Epoch 0/-2"), the
+    losses, the trained parameters and where the outputs went; no tips, warnings or deprecations."""
+    out = run["proc"].stdout + run["proc"].stderr
+    lines = [line.strip() for chunk in out.splitlines() for line in chunk.split("\r") if line.strip()]
+    assert any(line.startswith("class images:") and f"{CLASS_IMAGES}/{CLASS_IMAGES}" in line for line in lines)
+    bars = [line for line in lines if line.startswith("train:")]
+    assert bars and f"{STEPS}/{STEPS}" in bars[-1] and "train/loss=" in bars[-1] and "v_num" not in bars[-1]
+    assert re.search(r"^parameters: [\d.]+ [kM]? ?trained of [\d.]+ [kM]", out, re.M)
+    assert f"outputs: {run['dir']}/ (checkpoints/" in out and "images/step-000002/grid.png" in out
+    noise = [line for line in lines if re.search(r"Tip|[Ww]arning|deprecat|Epoch|TPU available", line)]
+    assert not noise, noise
 
 
 def test_samples_logged(run):

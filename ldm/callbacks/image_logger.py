@@ -85,7 +85,7 @@ class ImageLogger(pl.Callback):
             prompt, j = self.prompts[k // self.n_per_prompt], k % self.n_per_prompt
             save_png(image, folder / f"{k:03d}.png", dict(prompt=prompt, seed=self.seed + j, step=step,
                                                          steps=self.ddim_steps, scale=self.scale, eta=self.eta))
-        grid = make_grid(images, nrow=self.n_per_prompt)
+        grid = make_grid(images, nrow=self.n_per_prompt, labels=self.prompts)
         save_png(grid, folder / "grid.png", dict(prompts=self.prompts, seed=self.seed, step=step))
         for logger in trainer.loggers:
             if hasattr(getattr(logger, "experiment", None), "add_image"):
