@@ -79,10 +79,11 @@ def save_pretrained(model: Blip2OPT, config: Mapping[str, Any], folder: str | os
 
 
 def export_checkpoint(ckpt: str | os.PathLike, folder: str | os.PathLike, tokenizer: str | os.PathLike,
-                      image_size: int | None = None) -> Path:
+                      image_size: int | None = None, base: str | os.PathLike | None = None) -> Path:
     """A ``Blip2OPTFinetune`` checkpoint -> an HF folder; ``tokenizer``: a folder with the tokenizer
-    files; ``image_size``: the training resolution (default: the config's)."""
-    model, _ = load_blip2(ckpt, tokenizer=tokenizer, image_size=image_size)
+    files; ``image_size``: the training resolution (default: the config's); ``base``: a lean
+    checkpoint's base folder, when it was moved (``core.lean``)."""
+    model, _ = load_blip2(ckpt, tokenizer=tokenizer, image_size=image_size, base=base)
     return save_pretrained(model, model.config, folder)
 
 
@@ -92,8 +93,10 @@ def run(argv: Sequence[str]) -> int:
     p.add_argument("--tokenizer", required=True, help="folder with the tokenizer files (e.g. the base HF folder)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--image-size", type=int, default=None, help="input resolution (default: the config's)")
+    p.add_argument("--base_weights", metavar="DIR",
+                   help="a lean checkpoint's base HF folder, when it was moved (its content is checked)")
     args = p.parse_args(argv)
-    export_checkpoint(args.ckpt, args.out, args.tokenizer, args.image_size)
+    export_checkpoint(args.ckpt, args.out, args.tokenizer, args.image_size, args.base_weights)
     return 0
 
 

@@ -19,13 +19,15 @@ used by ``scripts/caption.py``, ``scripts/retrieve.py`` and ``blip2.export``.
    ViT) and, for ``Blip2OPT``, the OPT folder ``opt`` (``blip2.lavis``); with ``config``, into the
    network that config builds, else into BLIP-2's architecture sized from the files.
 
+A lean training checkpoint (``core.lean``: 2. and 3.) is completed from the Hugging Face folder it
+refers to (``base``: where that folder is now, when it was moved), its content checked first.
 Weight files are read with ``core.weights`` (``weights_only``; one-line errors naming the file).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -39,8 +41,8 @@ from blip2.processors import PREPROCESSOR_FILE, Blip2ImageProcessor
 from blip2.stage1_weights import load_retrieval_folder
 from core.config import instantiate_from_config, load_config
 from core.lean import BASE_KEY, check_base
-from core.weights import (SAFETENSORS_SUFFIXES, CheckpointError, load_checkpoint, load_state_dict, load_strict,
-                          open_folder, raise_mismatch)
+from core.weights import (SAFETENSORS_SUFFIXES, CheckpointError, load_checkpoint, load_strict, open_folder,
+                          raise_mismatch, weights_of)
 
 MODEL_PREFIX = "model."  # our systems hold their network as ``self.model``
 START_WEIGHTS = ("vision_weights", "bert_weights")  # Blip2Stage1's: the weight file replaces them
@@ -60,27 +62,32 @@ def load_blip2(source: str | os.PathLike, config: str | os.PathLike | Mapping | 
                network: type[nn.Module] = Blip2OPT, tokenizer: str | os.PathLike | None = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                image_size: int | None = None, vit: str | os.PathLike | None = None,
-               opt: str | os.PathLike | None = None) -> tuple[nn.Module, Blip2ImageProcessor]:
+               opt: str | os.PathLike | None = None,
+               base: str | os.PathLike | None = None) -> tuple[nn.Module, Blip2ImageProcessor]:
     """(network in eval mode on ``device``, its image processor) from ``source`` (see the module
     notes). ``dtype``: a ``Blip2OPT``'s precision (ViT, projection, OPT; the Q-Former stays fp32);
     ``image_size``: the input resolution when it differs from the config's (e.g. the 364 px of
-    caption fine-tuning); ``vit``, ``opt``: the EVA ViT file and OPT folder of a LAVIS checkpoint.
+    caption fine-tuning); ``vit``, ``opt``: the EVA ViT file and OPT folder of a LAVIS checkpoint;
+    ``base``: a lean training checkpoint's base folder, when it was moved (its content is checked).
     Bad input raises a one-line ``ValueError`` naming the file."""
     if network not in (Blip2OPT, Blip2Qformer):
         raise ValueError(f"load_blip2: network must be Blip2OPT or Blip2Qformer, got {network!r}")
     if network is Blip2Qformer and dtype != torch.float32:
         raise ValueError(f"load_blip2: a Blip2Qformer is read in float32, got dtype {dtype}")
     source = Path(source)
+    if base is not None and (source.is_dir() or vit is not None or opt is not None):
+        raise ValueError(f"{source}: a base folder ({base}) completes a lean training checkpoint of ours, "
+                         "not a Hugging Face folder or a LAVIS file")
     if source.is_dir():
         model = _from_folder(network, source, dtype, device)
     elif not source.is_file():
         raise CheckpointError(f"{source}: no such model folder or checkpoint file")
-    elif vit is not None or opt is not None or (config is None and is_lavis_checkpoint(source)):
+    elif vit is not None or opt is not None or is_lavis_checkpoint(source):
         model = _from_lavis(network, source, vit, opt, config, tokenizer, dtype, device)
     elif config is not None:
-        model = _from_config(network, source, config, dtype, device)
+        model = _from_config(network, source, config, dtype, device, base)
     else:
-        model = _from_training_checkpoint(network, source, tokenizer, dtype, device)
+        model = _from_training_checkpoint(network, source, tokenizer, dtype, device, base)
     if model.tokenizer is None:
         raise ValueError(f"{config or source}: the model has no tokenizer (tokenizer files / params.tokenizer)")
     if image_size is not None:
@@ -135,20 +142,42 @@ def _from_lavis(network: type[nn.Module], source: Path, vit: str | os.PathLike |
     return load_lavis_opt(source, vit, opt, model, dtype, device)
 
 
-def _load_weights(model: Any, source: Path, state: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                  device: str | torch.device) -> Any:
-    """Strictly load ``state`` into ``model`` (built on the meta device)."""
+def _load_weights(model: Any, source: Path, keys: set[str], get: Callable[[str], torch.Tensor],
+                  dtype: torch.dtype, device: str | torch.device) -> Any:
+    """Strictly load the tensors ``get(key)`` of ``keys`` into ``model`` (built on the meta device)."""
     if isinstance(model, Blip2Qformer):
         model = model.to_empty(device=device)
-        load_strict(model, state, str(source))
+        load_strict(model, {key: get(key) for key in keys}, str(source))
         return model
-    return assign_weights(model.set_precision(dtype), str(source), set(state), state.__getitem__, device)
+    return assign_weights(model.set_precision(dtype), str(source), keys, get, device)
+
+
+def _load_checkpoint_weights(model: Any, source: Path, obj: Mapping[str, Any], dtype: torch.dtype,
+                             device: str | torch.device, base: str | os.PathLike | None) -> Any:
+    """A read checkpoint's weights (``model.*`` or the network's keys) into ``model``; a lean one's
+    left-out keys from its checked base folder (``core.lean``)."""
+    state = network_state(weights_of(obj, str(source)))
+    reference = obj.get(BASE_KEY)
+    if reference is None:
+        if base is not None:
+            raise CheckpointError(f"{source}: --base_weights {base} given, but the checkpoint is complete "
+                                  "(it refers to no base folder)")
+        return _load_weights(model, source, set(state), state.__getitem__, dtype, device)
+    folder, readers = open_folder(check_base(reference, str(source), base))
+    left_out = {key.removeprefix(MODEL_PREFIX) for key in reference["keys"]}
+    absent = [k for k in sorted(left_out) if k not in readers and not (k in TIED and set(TIED) & set(readers))]
+    raise_mismatch(folder, f"the base of {source}", absent, [])
+
+    def get(key: str) -> torch.Tensor:
+        return state[key] if key in state else readers[key]()
+
+    return _load_weights(model, source, set(state) | {k for k in left_out if k in readers}, get, dtype, device)
 
 
 def _from_config(network: type[nn.Module], source: Path, config: str | os.PathLike | Mapping,
-                 dtype: torch.dtype, device: str | torch.device) -> Any:
+                 dtype: torch.dtype, device: str | torch.device, base: str | os.PathLike | None) -> Any:
     model = _build(network, config)
-    return _load_weights(model, source, network_state(load_state_dict(source)), dtype, device)
+    return _load_checkpoint_weights(model, source, load_checkpoint(source, mmap=True), dtype, device, base)
 
 
 def _build(network: type[nn.Module], config: str | os.PathLike | Mapping) -> Any:
@@ -168,7 +197,8 @@ def _build(network: type[nn.Module], config: str | os.PathLike | Mapping) -> Any
 
 
 def _from_training_checkpoint(network: type[nn.Module], source: Path, tokenizer: str | os.PathLike | None,
-                              dtype: torch.dtype, device: str | torch.device) -> Blip2OPT:
+                              dtype: torch.dtype, device: str | torch.device,
+                              base: str | os.PathLike | None) -> Blip2OPT:
     """A ``Blip2OPTFinetune`` checkpoint: its ``blip2_config`` and ``state_dict`` (``model.*``)."""
     obj = load_checkpoint(source, mmap=True)
     if network is not Blip2OPT or "blip2_config" not in obj or "state_dict" not in obj:
@@ -176,25 +206,7 @@ def _from_training_checkpoint(network: type[nn.Module], source: Path, tokenizer:
                               "give the config that builds its model")
     model = Blip2OPT.from_config(obj["blip2_config"], device="meta", tokenizer=_checkpoint_tokenizer(obj, source,
                                                                                                      tokenizer))
-    state = network_state(obj["state_dict"])
-    if BASE_KEY not in obj:
-        return _load_weights(model, source, state, dtype, device)
-    return _load_lean(model, source, state, obj[BASE_KEY], dtype, device)
-
-
-def _load_lean(model: Blip2OPT, source: Path, state: Mapping[str, torch.Tensor], reference: Mapping[str, Any],
-               dtype: torch.dtype, device: str | torch.device) -> Blip2OPT:
-    """A lean checkpoint (``core.lean``): its weights, and the frozen ones from the checked base folder."""
-    folder, readers = open_folder(check_base(reference, str(source)))
-    left_out = {key.removeprefix(MODEL_PREFIX) for key in reference["keys"]}
-    absent = [k for k in sorted(left_out) if k not in readers and not (k in TIED and set(TIED) & set(readers))]
-    raise_mismatch(folder, f"the base of {source}", absent, [])
-
-    def get(key: str) -> torch.Tensor:
-        return state[key] if key in state else readers[key]()
-
-    keys = set(state) | {k for k in left_out if k in readers}
-    return assign_weights(model.set_precision(dtype), str(source), keys, get, device)
+    return _load_checkpoint_weights(model, source, obj, dtype, device, base)
 
 
 def _checkpoint_tokenizer(obj: Mapping[str, Any], source: Path, tokenizer: str | os.PathLike | None) -> Any:

@@ -14,6 +14,9 @@ where they are, under ``base_weights``:
 2. Every reader of a checkpoint (resume, export, ``load_model``) completes it with ``restore_state``:
    the file at ``path`` must still hold the recorded ``sha256``; a moved or changed base is one
    ``CheckpointError`` line. A base may itself be a lean checkpoint (it is completed the same way).
+   A system that is built from its base folder (BLIP-2's, from a Hugging Face folder) completes a
+   resumed checkpoint from its own frozen weights instead, once the folder is checked
+   (``restore_from_module``).
    A base that was moved is given by its new place (``base``: ``--base_weights`` of the scripts, the
    ``--actual_resume`` file on resume); the content is what counts, so it must hold the same sha256.
 3. The hash of a file is computed once per process and cached by (path, size, mtime).
@@ -136,3 +139,19 @@ def full_state_dict(path: str | os.PathLike, base: str | os.PathLike | None = No
     """``core.weights.load_state_dict`` of ``path``, completed by ``restore_state`` when it is lean
     (``base``: the base file's new place)."""
     return restore_state(load_checkpoint(path), str(path), base)
+
+
+def restore_from_module(checkpoint: dict[str, Any], module: nn.Module, base: str | os.PathLike | None,
+                        source: str, how: str) -> None:
+    """On resume into ``module``, built from the base file or folder ``base`` (None: built from none):
+    a lean ``checkpoint``'s left-out weights are the module's own, once ``base`` is checked to hold the
+    recorded content (``how``: the setting that gives the base, for the error line)."""
+    reference = checkpoint.get(BASE_KEY)
+    if reference is None:
+        return
+    if base is None:
+        raise CheckpointError(f"{source}: a lean checkpoint of a run from {reference['path']}; build the model "
+                              f"from that base ({how})")
+    check_base(reference, source, base)
+    own = module.state_dict()
+    checkpoint["state_dict"] = {**{k: own[k] for k in reference["keys"]}, **checkpoint["state_dict"]}

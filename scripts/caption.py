@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vit", help="the EVA ViT-g file of --lavis (eva_vit_g.pth)")
     p.add_argument("--opt", help="the OPT folder of --lavis (facebook/opt-2.7b layout: config, weights, tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer folder for a Lightning checkpoint in --model")
+    p.add_argument("--base_weights", metavar="DIR",
+                   help="a lean training checkpoint's base HF folder, when it was moved (its content is checked)")
     p.add_argument("--image_size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--prompt", default=None, help='caption prefix, e.g. "a photo of" (not echoed back)')
     p.add_argument("--question", default=None, help="VQA: ask this about every image")
@@ -96,6 +98,8 @@ def check(opt: argparse.Namespace, questions: list[str]) -> None:
         raise ValueError("--config needs --ckpt (the weights to load into the model it builds) or --lavis")
     if opt.tokenizer and not opt.model:
         raise ValueError("--tokenizer is for a Lightning checkpoint in --model")
+    if opt.base_weights and not (opt.model or opt.ckpt):
+        raise ValueError("--base_weights completes a lean training checkpoint (--model last.ckpt, or --ckpt)")
     if questions and opt.sidecar:
         raise ValueError("--sidecar writes captions; it cannot be combined with --question/--questions")
     if questions and opt.prompt:
@@ -129,7 +133,7 @@ def run(opt: argparse.Namespace) -> int:
         check_sidecars(paths, opt.overwrite)
     model, processor = load_blip2(opt.model or opt.ckpt or opt.lavis, opt.config, tokenizer=opt.tokenizer,
                                   dtype=DTYPES[opt.dtype], device=opt.device, image_size=opt.image_size,
-                                  vit=opt.vit, opt=opt.opt)
+                                  vit=opt.vit, opt=opt.opt, base=opt.base_weights)
     torch.manual_seed(opt.seed)
     gen = generation_options(opt)
     fields = ["image", "question", "answer"] if questions else ["image", "prompt", "caption"]

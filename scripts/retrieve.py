@@ -5,10 +5,16 @@ for each text by ITC similarity (max over queries of the cosine), optionally re-
     python scripts/retrieve.py --model models/blip2-itm-vit-g --images photos/ --texts "a dog" "a red car"
     python scripts/retrieve.py --config configs/blip2/pretrain_stage1.yaml --ckpt logs/run/checkpoints/last.ckpt \
         --images a.jpg list.txt --texts_file captions.txt --itm_top_k 5
+    python scripts/retrieve.py --lavis blip2_pretrained.pth --vit eva_vit_g.pth --tokenizer models/bert-base-uncased \
+        --images photos/ --texts "a dog" "a red car"
 
-The model (``blip2.loading.load_blip2``): a Hugging Face folder (``--model``), or ``--config`` with
+The model (``blip2.loading.load_blip2``): a Hugging Face folder (``--model``); ``--config`` with
 ``--ckpt``: a yaml whose ``model`` builds a ``Blip2Qformer`` or the stage-1 system ``Blip2Stage1``
-(e.g. configs/blip2/pretrain_stage1.yaml) and its weights or Lightning checkpoint.
+(e.g. the config ``main.py`` saved in the run folder) and its weights or Lightning checkpoint (a
+lean one is completed from the ViT folder it names, ``--base_weights`` when that folder moved);
+``--lavis`` LAVIS's stage-1 file with ``--vit`` the EVA ViT-g file (unless it holds its own ViT),
+into BLIP-2's stage-1 architecture sized from the files with the BERT tokenizer ``--tokenizer``
+(``[DEC]`` is added), or into the network ``--config`` builds.
 Images: files, folders (recursive) and list files; an unreadable image is an error naming it.
 Bad input is one line on stderr and exit status 2.
 """
@@ -21,19 +27,25 @@ from pathlib import Path
 import torch
 
 from blip2.captioning import batches, collect_inputs
-from blip2.loading import load_blip2
+from blip2.loading import is_lavis_checkpoint, load_blip2
 from blip2.modules.blip2_qformer import Blip2Qformer
 from blip2.processors import Blip2ImageProcessor
 from core.cli import ArgumentParser, run_cli
 from core.images import load_rgb
+from core.weights import CheckpointError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="a Hugging Face Blip2ForImageTextRetrieval folder")
-    src.add_argument("--config", help="a yaml whose 'model' builds a Blip2Qformer or Blip2Stage1 (with --ckpt)")
-    p.add_argument("--ckpt", help="weights for --config (.safetensors, .ckpt, or a Lightning checkpoint)")
+    src.add_argument("--ckpt", help="weights for --config (.safetensors, .ckpt, or a Lightning checkpoint)")
+    src.add_argument("--lavis", help="LAVIS's stage-1 checkpoint (blip2_pretrained.pth), with --vit")
+    p.add_argument("--config", help="a yaml whose 'model' builds a Blip2Qformer or Blip2Stage1 (for --ckpt, --lavis)")
+    p.add_argument("--vit", help="the EVA ViT-g file of --lavis (eva_vit_g.pth)")
+    p.add_argument("--tokenizer", help="the BERT tokenizer folder of --lavis without --config (bert-base-uncased)")
+    p.add_argument("--base_weights", metavar="DIR",
+                   help="a lean training checkpoint's ViT folder, when it was moved (its content is checked)")
     p.add_argument("--images", nargs="+", required=True, help="image files, folders or list files")
     p.add_argument("--texts", nargs="*", default=[], help="candidate texts")
     p.add_argument("--texts_file", help="a file of candidate texts, one a line")
@@ -57,11 +69,31 @@ def read_texts(opt: argparse.Namespace) -> list[str]:
     return texts
 
 
+def check(opt: argparse.Namespace) -> None:
+    """The model options that go together (one line each, before anything is read)."""
+    if opt.config and not (opt.ckpt or opt.lavis):
+        raise ValueError("--config needs --ckpt (the weights to load into the model it builds) or --lavis")
+    if not (opt.model or opt.ckpt or opt.lavis):
+        raise ValueError("no model: give --model DIR, --config YAML with --ckpt FILE, or --lavis FILE with --vit FILE")
+    if opt.ckpt and not opt.config:
+        raise ValueError("--ckpt needs --config (the model to load it into); a Hugging Face folder goes in --model")
+    if opt.vit and not opt.lavis:
+        raise ValueError("--vit belongs to --lavis (a LAVIS stage-1 checkpoint)")
+    if opt.lavis and not opt.config and not opt.tokenizer:
+        raise ValueError("--lavis needs --tokenizer (a bert-base-uncased folder), or --config naming one")
+    if opt.tokenizer and not (opt.lavis and not opt.config):
+        raise ValueError("--tokenizer is for --lavis without --config (a config names its own tokenizer)")
+    if opt.base_weights and not opt.ckpt:
+        raise ValueError("--base_weights completes a lean training checkpoint: it goes with --ckpt")
+
+
 def load_model(opt: argparse.Namespace) -> tuple[Blip2Qformer, Blip2ImageProcessor]:
-    """(model, image processor) from a Hub folder, or from a yaml plus a checkpoint (strict keys)."""
-    if opt.config and not opt.ckpt:
-        raise ValueError("--config needs --ckpt (the weights to load into the model it builds)")
-    return load_blip2(opt.model or opt.ckpt, opt.config, network=Blip2Qformer, device=opt.device)
+    """(model, image processor) from a Hub folder, a yaml plus a checkpoint (strict keys), or LAVIS's files."""
+    if opt.lavis and not is_lavis_checkpoint(Path(opt.lavis)):
+        raise CheckpointError(f"--lavis {opt.lavis}: not a LAVIS checkpoint (a .pth holding {{'model': state_dict}}, "
+                              "e.g. blip2_pretrained.pth)")
+    return load_blip2(opt.model or opt.ckpt or opt.lavis, opt.config, network=Blip2Qformer, device=opt.device,
+                      tokenizer=opt.tokenizer, vit=opt.vit, base=opt.base_weights)
 
 
 @torch.no_grad()
@@ -105,6 +137,7 @@ def print_table(title: str, names: list[str], others: list[str], rows: list) -> 
 
 
 def run(opt: argparse.Namespace) -> int:
+    check(opt)
     texts, paths = read_texts(opt), collect_inputs(opt.images)
     model, processor = load_model(opt)
     model.max_txt_len = opt.max_txt_len or model.max_txt_len

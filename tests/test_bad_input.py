@@ -18,6 +18,7 @@ from core import trainer as main_module
 from core.weights import save_checkpoint
 from scripts import caption as caption_script
 from scripts import export as export_script
+from scripts import retrieve as retrieve_script
 from scripts import sample as sample_script
 from blip2.hub import TOKENIZER_FILES
 from tests.blip2_fixtures import make_tiny_blip2_folder
@@ -78,6 +79,17 @@ def caption(w, tmp, *extra, model=None, images=None):
     (tmp / "out").mkdir(exist_ok=True)
     return caption_script.main, [str(images or w.images), "--model", str(model or w.blip2), "--max_new_tokens", "2",
                                  "--output", str(tmp / "out" / "c.jsonl"), *extra]
+
+
+def retrieve(w, tmp, *extra):
+    return retrieve_script.main, ["--images", str(w.images), "--texts", "a dog", "--device", "cpu", *extra]
+
+
+def lavis_stage1(tmp):
+    """A LAVIS stage-1 file (``{"model": ...}``) without the ViT, as ``blip2_pretrained.pth`` is."""
+    path = tmp / "blip2_pretrained.pth"
+    torch.save({"model": {"query_tokens": torch.zeros(1, 2, 4)}}, path)
+    return path
 
 
 def yaml(tmp, text):
@@ -179,6 +191,15 @@ CASES = [
         t / "d" / "x.jpg").parent if png(t / "d" / "x.png") else None), "would both write"),
     ("a hand-written caption would be replaced", lambda w, t: caption(w, t, "--sidecar", images=write(
         png(t / "d" / "x.png").with_suffix(".txt"), b"my caption").parent), "x.txt exists"),
+    # LAVIS files for retrieval
+    ("retrieve --lavis without --vit", lambda w, t: retrieve(w, t, "--lavis", str(lavis_stage1(t)), "--tokenizer", str(t)),
+     "holds no ViT (visual_encoder.*): give the EVA"),
+    ("retrieve --lavis of our own checkpoint", lambda w, t: retrieve(w, t, "--lavis", str(w.ckpt), "--vit", str(w.ckpt),
+                                                                     "--tokenizer", str(t)), "not a LAVIS checkpoint"),
+    ("retrieve --vit of another file", lambda w, t: retrieve(w, t, "--lavis", str(lavis_stage1(t)), "--vit",
+                                                             str(w.ckpt), "--tokenizer", str(t)), "tiny.ckpt"),
+    ("retrieve --lavis without a tokenizer", lambda w, t: retrieve(w, t, "--lavis", str(lavis_stage1(t)), "--vit",
+                                                                   str(w.ckpt)), "--lavis needs --tokenizer"),
     # export targets
     ("export into a missing folder", lambda w, t: export(w, t, w.ckpt, t / "no" / "x.safetensors"), "does not exist"),
     ("export over an existing file", lambda w, t: export(w, t, w.ckpt, write(t / "x.safetensors", b"keep")),

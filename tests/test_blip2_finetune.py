@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -381,12 +382,15 @@ def test_checkpoints_are_lean_and_complete_from_the_base_folder(folder, tmp_path
     resumed.fit(fresh, data, ckpt_path=str(tmp_path / "last.ckpt"))
     assert resumed.global_step == 3
 
+    moved = Path(shutil.copytree(base, tmp_path / "moved"))
     weights = load_file(str(base / "model.safetensors"))
     key = next(k for k in weights if k.startswith("language_model."))
     weights[key] = weights[key] + 1
     save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="base weights .*base have changed"):
         Blip2OPT.from_pretrained(tmp_path / "last.ckpt")
+    again = Blip2OPT.from_pretrained(tmp_path / "last.ckpt", base=moved).state_dict()  # --base_weights
+    assert all(torch.equal(value, again[key]) for key, value in direct.items())
     changed = Blip2OPTFinetune(pretrained=str(base), freeze_vit=True, prompt=PROMPT)
     with pytest.raises(CheckpointError, match="have changed"):
         make_trainer(max_steps=3, max_epochs=2, precision="bf16-mixed").fit(changed, data, ckpt_path=str(tmp_path / "last.ckpt"))

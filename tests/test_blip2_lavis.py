@@ -84,12 +84,10 @@ def test_sharded_bin_opt_folder_with_model_prefix(world, tmp_path):
     assert_same_weights(ours, world["ref"].state_dict())
 
 
-@torch.no_grad()
-def test_stage1_file_into_blip2_qformer(tmp_path):
-    from transformers import Blip2ForImageTextRetrieval
-
-    from tests.test_blip2_stage1 import (MAX_TXT, QUERIES, TEXTS, VISION, make_retrieval_folder, qformer_config,
-                                         randomize_all_, write_bert_vocab)
+def stage1_files(tmp_path):
+    """(a random HF retrieval folder as LAVIS's weights convert to, its LAVIS stage-1 file and EVA ViT
+    file, the ITG head and temperature the folder lacks)."""
+    from tests.test_blip2_stage1 import make_retrieval_folder, randomize_all_, write_bert_vocab
 
     folder = make_retrieval_folder(tmp_path / "itm", write_bert_vocab(tmp_path / "bert"))
     zero_k_bias(folder)
@@ -98,6 +96,16 @@ def test_stage1_file_into_blip2_qformer(tmp_path):
                .state_dict().items()}
     torch.save({"model": lavis_stage1_state(hf, lm_head, torch.tensor(0.05))}, tmp_path / "blip2_pretrained.pth")
     torch.save(eva_state(hf), tmp_path / "eva_vit_g.pth")
+    return folder, tmp_path / "blip2_pretrained.pth", tmp_path / "eva_vit_g.pth", hf, lm_head
+
+
+@torch.no_grad()
+def test_stage1_file_into_blip2_qformer(tmp_path):
+    from transformers import Blip2ForImageTextRetrieval
+
+    from tests.test_blip2_stage1 import MAX_TXT, QUERIES, TEXTS, VISION, qformer_config
+
+    folder, _, _, hf, lm_head = stage1_files(tmp_path)
     ours = Blip2Qformer.from_pretrained(tmp_path / "blip2_pretrained.pth", vit=tmp_path / "eva_vit_g.pth",
                                         tokenizer=str(folder), max_txt_len=MAX_TXT, vision_config=VISION,
                                         qformer_config=qformer_config(hf["embeddings.word_embeddings.weight"]
@@ -111,6 +119,30 @@ def test_stage1_file_into_blip2_qformer(tmp_path):
     expected = ref(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True)
     assert rel_err(ours.itm_logits_from_embeds(ours.image_embeds(pixels), ids, mask),
                    expected.logits_per_image) <= 1e-5
+
+
+def test_retrieve_ranks_with_the_lavis_files_as_with_the_converted_folder(tmp_path, capsys):
+    """``scripts/retrieve.py --lavis FILE --vit FILE``: the same ITC and ITM scores, to the printed digit,
+    as ``--model`` on the folder transformers' converter rules make of those files."""
+    from omegaconf import OmegaConf
+
+    from scripts.retrieve import main as retrieve
+    from tests.test_blip2_stage1 import EMBED, MAX_TXT, QUERIES, TEXTS, VISION, qformer_config, write_images
+
+    folder, lavis, vit, hf, _ = stage1_files(tmp_path)
+    write_images(tmp_path / "imgs", 3)
+    OmegaConf.save({"model": {"target": "blip2.modules.blip2_qformer.Blip2Qformer", "params": {
+        "vision_config": VISION, "qformer_config": qformer_config(hf["embeddings.word_embeddings.weight"].shape[0]),
+        "num_query_tokens": QUERIES, "embed_dim": EMBED, "max_txt_len": MAX_TXT, "tokenizer": str(folder)}}},
+        tmp_path / "m.yaml")
+    common = ["--images", str(tmp_path / "imgs"), "--texts", *TEXTS[:3], "--itm_top_k", "2", "--device", "cpu"]
+    assert retrieve(["--model", str(folder), "--max_txt_len", str(MAX_TXT), *common]) == 0
+    expected = capsys.readouterr().out
+    assert retrieve(["--lavis", str(lavis), "--vit", str(vit), "--config", str(tmp_path / "m.yaml"), *common]) == 0
+    printed = capsys.readouterr().out
+    assert printed == expected and "itm 0." in printed
+    assert retrieve(["--lavis", str(lavis), "--config", str(tmp_path / "m.yaml"), *common]) == 2
+    assert "holds no ViT (visual_encoder.*): give the EVA ViT-g file" in capsys.readouterr().err
 
 
 # ---- bad input: one line naming the file and the key ------------------------------------------------

@@ -372,6 +372,12 @@ def test_stage1_config_builds_the_paper_model():
     assert trainer.max_steps == 250000 and cfg.model.base_learning_rate == 1e-4
     for target in (cfg.data.target, cfg.data.params.train.target):
         get_obj_from_str(target)
+    # benchmarks/checkpoint_size.py --stage1 (the README's figure): lean keeps what the optimizer trains
+    from benchmarks.checkpoint_size import stage1_sizes
+
+    sizes, trained = stage1_sizes(), sum(p.numel() for _, p in model.named_trainable_parameters())
+    assert sizes["trained"] == trained and sizes["params"] == sum(p.numel() for p in model.parameters())
+    assert sizes["lean"] == 12 * trained and sizes["full_fp32"] - sizes["lean"] == 4 * (sizes["params"] - trained)
 
 
 # ---- loading and bad input --------------------------------------------------------------------------
@@ -486,3 +492,107 @@ def test_retrieve_script_with_config_and_checkpoint(world, tmp_path, capsys, tar
     assert [e[1] for e in got] == pytest.approx(sorted(itc[0].tolist(), reverse=True), abs=1e-4)
     assert main(["--config", str(tmp_path / "m.yaml"), "--images", str(paths[0]), "--texts", "x"]) == 2
     assert "--config needs --ckpt" in capsys.readouterr().err
+
+
+# ---- lean checkpoints through main.py: resume exact, every reader completes them from the ViT folder ---------
+STAGE1_CONFIG = Path(__file__).resolve().parents[1] / "configs/blip2/pretrain_stage1.yaml"
+
+
+def stage1_main(tmp: Path, name: str, steps: int, *extra: str) -> int:
+    """``main.py`` on the stage-1 recipe, sized down (the overlay ``tiny.yaml``), in process."""
+    from core.trainer import main
+
+    run = run_folder(tmp, name)
+    start = ["-r", str(run)] if run else ["--base", str(STAGE1_CONFIG), str(tmp / "tiny.yaml"), "-n", name]
+    return main([*start, "-t", "--no-test", "-l", str(tmp / "logs"), f"lightning.trainer.max_steps={steps}", *extra])
+
+
+def run_folder(tmp: Path, name: str) -> Path | None:
+    return next((p for p in (tmp / "logs").glob(f"*_{name}") if p.is_dir()), None)
+
+
+@pytest.fixture(scope="module")
+def lean_runs(world, tmp_path_factory):
+    """Stage 1 from a BLIP-2 folder's ViT: 4 steps at once, and 2 steps then resumed to 4."""
+    from omegaconf import OmegaConf
+
+    from tests.blip2_fixtures import make_tiny_blip2_folder
+    from tests.test_blip2_finetune import squares
+
+    tmp = tmp_path_factory.mktemp("stage1_lean")
+    base = make_tiny_blip2_folder(tmp / "vit", layout="prepend")
+    captions = squares(tmp / "data", 6, seed=0)
+    OmegaConf.save({
+        "stage1": {"captions": str(captions), "image_root": str(captions.parent), "tokenizer": str(world["vocab"]),
+                   "vision_weights": str(base), "image_size": IMAGE_SIZE},
+        "model": {"params": {"vision_config": VISION, "qformer_config": qformer_config(len(WORDS) + 6),
+                             "num_query_tokens": QUERIES, "embed_dim": EMBED, "max_txt_len": MAX_TXT,
+                             "scheduler_config": {"params": {"warm_up_steps": 2, "max_steps": 4}}}},
+        "data": {"params": {"batch_size": 2, "num_workers": 0}},
+        "lightning": {"checkpoint": {"every_n_steps": 100},
+                      "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32",
+                                  "log_every_n_steps": 1}}}, tmp / "tiny.yaml")
+    assert stage1_main(tmp, "whole", 4) == 0
+    assert stage1_main(tmp, "split", 2) == 0
+    assert stage1_main(tmp, "split", 4) == 0  # resumed mid-epoch (6 pairs, batch 2)
+    return dict(tmp=tmp, base=base, runs={n: run_folder(tmp, n) for n in ("whole", "split")})
+
+
+def test_stage1_checkpoints_are_lean_and_resume_exactly(lean_runs):
+    from core.lean import BASE_KEY, file_sha256
+    from core.weights import load_checkpoint
+
+    whole, split = (load_checkpoint(lean_runs["runs"][n] / "checkpoints" / "last.ckpt") for n in ("whole", "split"))
+    assert whole["global_step"] == split["global_step"] == 4
+    frozen = set(whole[BASE_KEY]["keys"])
+    assert frozen and all(k.startswith("model.vision_model.") for k in frozen) and not frozen & set(whole["state_dict"])
+    assert "model.vision_model.post_layernorm.weight" in whole["state_dict"]  # ln_vision trains: kept
+    assert whole[BASE_KEY]["path"] == str(lean_runs["base"].resolve())
+    assert whole[BASE_KEY]["sha256"] == file_sha256(lean_runs["base"])
+    assert set(whole["state_dict"]) == set(split["state_dict"])
+    assert all(torch.equal(v, split["state_dict"][k]) for k, v in whole["state_dict"].items())
+    [a], [b] = whole["optimizer_states"], split["optimizer_states"]
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    assert all(torch.equal(a["state"][i][m], b["state"][i][m]) for i in a["state"] for m in a["state"][i])
+    assert whole["lr_schedulers"] == split["lr_schedulers"]
+    first = load_checkpoint(next((lean_runs["runs"]["split"] / "checkpoints").glob("step-000002.ckpt")))
+    assert any(not torch.equal(v, whole["state_dict"][k]) for k, v in first["state_dict"].items())  # it trained on
+
+
+def test_readers_complete_a_lean_stage1_checkpoint_from_its_vit_folder(lean_runs, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from blip2.loading import load_blip2
+    from core.weights import load_checkpoint
+    from scripts.retrieve import main as retrieve
+
+    run, base = lean_runs["runs"]["whole"], lean_runs["base"]
+    ckpt, [config] = run / "checkpoints" / "last.ckpt", sorted((run / "configs").glob("*-project.yaml"))
+    model, _ = load_blip2(ckpt, config, network=Blip2Qformer)
+    saved, vit = load_checkpoint(ckpt)["state_dict"], load_file(str(base / "model.safetensors"))
+    for key, value in model.state_dict().items():
+        expected = saved.get(f"model.{key}", vit.get(key))
+        assert expected is not None and torch.equal(value, expected), key
+    paths = write_images(tmp_path / "imgs", 2)
+    args = ["--config", str(config), "--ckpt", str(ckpt), "--images", *map(str, paths), "--texts", *TEXTS[:2]]
+    assert retrieve([*args, "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+
+    moved = base.with_name("vit_moved")
+    base.rename(moved)
+    try:
+        assert retrieve(args) == 2
+        assert "vit are not there (moved or deleted?)" in capsys.readouterr().err
+        assert retrieve([*args, "--base_weights", str(moved)]) == 0 and capsys.readouterr().out == printed
+        assert stage1_main(lean_runs["tmp"], "whole", 5) == 2  # the run's folder has moved: one line
+        assert "vit: not a folder" in capsys.readouterr().err
+        weights = load_file(str(moved / "model.safetensors"))
+        weights["vision_model.embeddings.class_embedding"] += 1
+        save_file(weights, str(moved / "model.safetensors"), metadata={"format": "pt"})
+        assert retrieve([*args, "--base_weights", str(moved)]) == 2
+        assert "are not those it was trained from" in capsys.readouterr().err
+        assert stage1_main(lean_runs["tmp"], "whole", 5, f"stage1.vision_weights={moved}") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "are not those it was trained from" in err[-1], err
+    finally:
+        moved.rename(base)

@@ -168,6 +168,9 @@ def test_ckpt_of_another_size_is_one_line(world, tmp_path, capsys):
     (["{images}", "--ckpt", "{tmp}/c.ckpt"], "--ckpt needs --config"),
     (["{images}", "--model", "{model}", "--config", "{tmp}/c.yaml"], "--config needs --ckpt"),
     (["{images}", "--model", "{model}", "--question", "q", "--sidecar"], "--sidecar writes captions"),
+    (["{images}", "--model", "{model}", "--base_weights", "{model}"], "completes a lean training checkpoint of ours"),
+    (["{images}", "--lavis", "{tmp}/x.pth", "--opt", "{model}", "--base_weights", "{model}"],
+     "--base_weights completes a lean training checkpoint"),
 ])
 def test_bad_invocations_are_one_line(world, tmp_path, capsys, args, message):
     model_dir, images, _ = world

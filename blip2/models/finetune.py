@@ -33,8 +33,8 @@ from blip2.modules.blip2_opt import VQA_TEMPLATE, Blip2OPT
 from blip2.optim import vit_layer_lr_scale
 from core.config import DTYPES, instantiate_from_config
 from core.optim import build_optimizer, check_optimizer, param_groups, set_lr
-from core.lean import BASE_KEY, check_base, make_lean
-from core.weights import CheckpointError, read_json
+from core.lean import make_lean, restore_from_module
+from core.weights import read_json
 
 CAPTION_GENERATION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
 VQA_GENERATION = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": -1.0}
@@ -196,16 +196,8 @@ class Blip2OPTFinetune(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A lean checkpoint's frozen weights are this model's own, once its ``pretrained`` folder (a moved
         one given by ``model.params.pretrained``) is checked to hold the content it was trained from."""
-        reference = checkpoint.get(BASE_KEY)
-        if reference is None:
-            return
         source = str(getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
-        if self.base_path is None:
-            raise CheckpointError(f"{source}: a lean checkpoint of a run from {reference['path']}; build the model "
-                                  "from that folder (model.params.pretrained)")
-        check_base(reference, source, self.base_path)
-        own = self.state_dict()
-        checkpoint["state_dict"] = {**{k: own[k] for k in reference["keys"]}, **checkpoint["state_dict"]}
+        restore_from_module(checkpoint, self, self.base_path, source, "model.params.pretrained")
 
 
 def _gathered(parts: tuple[dict, ...]) -> tuple[dict, ...]:

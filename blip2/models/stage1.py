@@ -7,6 +7,11 @@ blocks are frozen (``requires_grad_(False)``, eval mode) while ``ln_vision``
 (``vision_model.post_layernorm``) trains, as in LAVIS, where it sits outside the frozen encoder.
 Checkpoints hold the network's weights as ``model.*`` (as ``Blip2OPTFinetune``'s do); those saved
 before the network was split from the system hold them without the prefix and still resume.
+Started from ``vision_weights``, checkpoints are lean (``core.lean``): the frozen ViT is left out
+and they refer to that folder (path and a hash of its files); a resumed run takes those weights
+from the folder it is built from (a moved one: ``model.params.vision_weights``, i.e.
+``stage1.vision_weights``), after checking that it holds the recorded content, and
+``blip2.loading`` reads them from the folder the checkpoint names (or ``base``).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from blip2.modules.blip2_qformer import Blip2Qformer
 from blip2.processors import CLIP_MEAN, CLIP_STD
 from blip2.stage1_weights import load_bert_weights, load_vision_weights
 from core.config import instantiate_from_config
+from core.lean import make_lean, restore_from_module
 from core.optim import build_optimizer, check_optimizer, param_groups
 
 MODEL_PREFIX = "model."
@@ -58,6 +64,8 @@ class Blip2Stage1(pl.LightningModule):
                                   tokenizer, temp, image_mean, image_std)
         if vision_weights is not None:
             load_vision_weights(self.model, Path(vision_weights))
+        # lean checkpoints refer to the folder the frozen ViT came from (core.lean)
+        self.base_path = str(Path(vision_weights).resolve()) if vision_weights is not None else None
         if bert_weights is not None:
             load_bert_weights(self.model, Path(bert_weights))
         self.freeze_vit = freeze_vit
@@ -113,8 +121,17 @@ class Blip2Stage1(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=instantiate_from_config(self.scheduler_config))
         return [opt], [{"scheduler": sched, "interval": "step", "frequency": 1}]
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lean: the frozen ViT stays in the ``vision_weights`` folder (``core.lean``)."""
+        if self.base_path is not None:
+            make_lean(checkpoint, self, self.base_path)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint saved before the network moved to ``self.model`` holds its keys unprefixed."""
+        """A checkpoint saved before the network moved to ``self.model`` holds its keys unprefixed; a
+        lean one's frozen ViT is this model's own, once its ``vision_weights`` folder is checked to hold
+        the content it was trained from."""
         state = checkpoint["state_dict"]
         if state and not any(k.startswith(MODEL_PREFIX) for k in state):
             checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in state.items()}
+        source = str(getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
+        restore_from_module(checkpoint, self, self.base_path, source, "stage1.vision_weights")
