@@ -232,7 +232,8 @@ def build_callbacks(config: DictConfig, logdir: Path) -> list[pl.Callback]:
     checkpoint = OmegaConf.to_container(OmegaConf.select(config, "lightning.checkpoint") or {})
     callbacks += [ResumableCheckpoint(logdir / "checkpoints", **checkpoint), RankSeed(config.lightning.seed),
                   StopOnNonFinite(), LearningRateMonitor(logging_interval="step")]
-    if not any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks):
+    if OmegaConf.select(config, "lightning.trainer.enable_progress_bar", default=True) and \
+            not any(isinstance(c, pl.callbacks.ProgressBar) for c in callbacks):
         callbacks.append(StepProgressBar())
     return callbacks
 
