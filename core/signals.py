@@ -43,3 +43,28 @@ class StopSignals:
 
     def __exit__(self, *exc: Any) -> None:
         self.restore()
+
+
+class StopBetweenSteps:
+    """Outside the windows where a callback obeys stop signals at a safe point (before class images,
+    while loading, after the final save), SIGTERM and SIGUSR1 raise ``exception(message)`` at once:
+    nothing is half-written there (checkpoints are written atomically), so the job ends with one line
+    instead of dying silently with status -15. The callbacks' own ``StopSignals`` take over while
+    they run, and put this back afterwards. SIGINT keeps Python's KeyboardInterrupt."""
+
+    def __init__(self, exception: type[BaseException], describe: Any):
+        self.exception, self.describe = exception, describe  # describe(signal name) -> message
+        self._previous: dict[int, Any] = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        raise self.exception(self.describe(signal.Signals(signum).name))
+
+    def __enter__(self) -> "StopBetweenSteps":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}

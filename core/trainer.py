@@ -32,8 +32,9 @@ from omegaconf.errors import OmegaConfBaseException
 from core.callbacks.checkpointing import AtomicCheckpointIO, RankSeed, ResumableCheckpoint
 from core.callbacks.finite import StopOnNonFinite
 from core.callbacks.progress import StepProgressBar, quiet_libraries
-from core.cli import ArgumentParser, run_cli
+from core.cli import ArgumentParser, Stopped, run_cli
 from core.config import check_params, get_obj_from_str, instantiate_from_config, load_config
+from core.signals import StopBetweenSteps
 from core.weights import CheckpointError, atomic_path
 
 RUN_LOGDIR_ENV = "LDM_RUN_LOGDIR"  # rank 0 hands the log dir to the processes DDP launches
@@ -293,6 +294,20 @@ def relocate_base(model: Any, path: str) -> None:
 
 
 def run(opt: argparse.Namespace, overrides: list[str]) -> int:
+    where: dict[str, Path] = {}
+
+    def stopped_outside_steps(signal_name: str) -> str:
+        last = where["logdir"] / "checkpoints" / "last.ckpt" if "logdir" in where else None
+        if last is not None and last.is_file():
+            return (f"{signal_name} received outside the training steps: {last} is complete; "
+                    f"continue with main.py -r {where['logdir']} -t")
+        return f"{signal_name} received before training started: nothing was saved"
+
+    with StopBetweenSteps(Stopped, stopped_outside_steps):
+        return _run(opt, overrides, where)
+
+
+def _run(opt: argparse.Namespace, overrides: list[str], where: dict[str, Path]) -> int:
     resume_logdir, resume_ckpt = find_resume(opt.resume) if opt.resume else (None, None)
     config = run_config(opt, overrides, resume_logdir)
     check_inputs(config, opt.train, resuming=resume_logdir is not None)
@@ -303,7 +318,7 @@ def run(opt: argparse.Namespace, overrides: list[str]) -> int:
     data = instantiate_from_config(config.data) if "data" in config else None
 
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    logdir = make_logdir(opt, resume_logdir, now)
+    where["logdir"] = logdir = make_logdir(opt, resume_logdir, now)
     config_file = save_config(config, logdir, now) if is_rank_zero() else None
     try:
         return train(opt, config, model, data, logdir, resume_ckpt)

@@ -93,6 +93,22 @@ class KillAtStep(pl.Callback):
                 os.kill(os.getpid(), self.signum)
 
 
+class SignalInHook(pl.Callback):
+    """Sends ``signum`` to its own process in the callback hook ``hook`` (``setup``: before the class
+    images and the first step; ``teardown``: after the final checkpoint)."""
+
+    def __init__(self, hook: str, signum: str = "SIGTERM"):
+        self.hook, self.signum = hook, getattr(signal, signum)
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if self.hook == "setup":
+            os.kill(os.getpid(), self.signum)
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if self.hook == "teardown":
+            os.kill(os.getpid(), self.signum)
+
+
 class RaiseAtStep(pl.Callback):
     """Raises RuntimeError as the batch after optimizer step ``step`` starts."""
 

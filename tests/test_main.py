@@ -78,6 +78,33 @@ def test_the_console_shows_what_a_user_needs_and_no_library_noise(run):
     assert not noise, noise
 
 
+def test_a_stop_signal_before_training_or_after_the_last_save_is_one_line(files):
+    """SIGTERM where no callback is obeying signals (before the class images; after the final save):
+    exit 1 with one line saying what was kept, never a silent -15."""
+    tmp = files["tmp"]
+    procs = {hook: start_main(["--base", str(DREAMBOOTH_TINY), "-t", "--actual_resume", str(files["base"]),
+                               "--data_root", str(files["instance"]), "--reg_data_root", str(tmp / f"reg_{hook}"),
+                               "--class_word", "dog", "-n", hook, "-l", str(tmp / f"logs_{hook}"),
+                               "lightning.trainer.max_steps=1", "dreambooth.num_class_images=1",
+                               "lightning.callbacks.image_logger=null",
+                               "lightning.callbacks.signal.target=tests.main_helpers.SignalInHook",
+                               f"lightning.callbacks.signal.params.hook={hook}"], tmp)
+             for hook in ("setup", "teardown")}
+    outs = {hook: (p.communicate(timeout=300)[1], p.returncode) for hook, p in procs.items()}
+    err, code = outs["setup"]
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        "main.py: stopped: SIGTERM received before training started: nothing was saved"), err[-2000:]
+    assert not (tmp / "logs_setup").exists() or not list((tmp / "logs_setup").iterdir())
+    assert not (tmp / "reg_setup").exists() or not list_images(tmp / "reg_setup")
+    err, code = outs["teardown"]
+    last = run_dirs(tmp / "logs_teardown")[0] / "checkpoints" / "last.ckpt"
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        f"main.py: stopped: SIGTERM received outside the training steps: {last} is complete; "
+        f"continue with main.py -r {last.parent.parent} -t"), err[-2000:]
+    assert load_checkpoint(last)["global_step"] == 1
+    assert "Traceback" not in outs["setup"][0] + outs["teardown"][0]
+
+
 def test_samples_logged(run):
     grids = sorted((run["dir"] / "images").glob("step-*/grid.png"))
     assert [g.parent.name for g in grids] == [f"step-{s:06d}" for s in range(1, STEPS + 1)]
