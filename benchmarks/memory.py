@@ -20,9 +20,10 @@ output (inference), and the optimizer it trains with. Steps:
 A simulation imitates a CUDA run where the host's defaults differ (``Sim``): AdamW's multi-tensor
 (``foreach``) step, CUDA's default on GPUs (it allocates temporaries as large as the parameters), and
 CUDA autocast's float32 list (layer_norm, group_norm, softmax, ... run in float32 on CUDA; CPU autocast
-leaves them in 16 bit). Not simulated: the caching allocator's block rounding and fragmentation (what
-``max_memory_reserved`` adds), cuDNN / cuBLAS workspaces, and the GradScaler's few scalars
-(``16-mixed`` here scales nothing: its unscale is in place and changes no peak).
+leaves them in 16 bit). The tracker's module hooks keep no gradient alive (torch's keep a module's first
+input gradients until its last one arrives). Not simulated: the caching allocator's block rounding and
+fragmentation (what ``max_memory_reserved`` adds), cuDNN / cuBLAS workspaces, and the GradScaler's few
+scalars (``16-mixed`` here scales nothing: its unscale is in place and changes no peak).
 """
 from __future__ import annotations
 
