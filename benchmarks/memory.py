@@ -20,9 +20,10 @@ output (inference), and the optimizer it trains with. Steps:
 A simulation imitates a CUDA run where the host's defaults differ (``Sim``): AdamW's multi-tensor
 (``foreach``) step, CUDA's default on GPUs (it allocates temporaries as large as the parameters), and
 CUDA autocast's float32 list (layer_norm, group_norm, softmax, ... run in float32 on CUDA; CPU autocast
-leaves them in 16 bit). Not simulated: the caching allocator's block rounding and fragmentation (what
-``max_memory_reserved`` adds), cuDNN / cuBLAS workspaces, and the GradScaler's few scalars
-(``16-mixed`` here scales nothing: its unscale is in place and changes no peak).
+leaves them in 16 bit). The tracker's module hooks keep no gradient alive (torch's keep a module's first
+input gradients until its last one arrives). Not simulated: the caching allocator's block rounding and
+fragmentation (what ``max_memory_reserved`` adds), cuDNN / cuBLAS workspaces, and the GradScaler's few
+scalars (``16-mixed`` here scales nothing: its unscale is in place and changes no peak).
 """
 from __future__ import annotations
 
@@ -31,12 +32,16 @@ import dataclasses
 import gc
 import warnings
 from typing import Any, Callable, Iterator, Sequence
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.autograd.graph import _get_grad_fn_or_grad_acc
+from torch.distributed._tools import mod_tracker
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.utils.hooks import RemovableHandle
 
 PRECISIONS = {"fp32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 # MemTracker's kinds -> the names reported here
@@ -84,10 +89,50 @@ class Sim:
     cuda_autocast: bool = True  # CUDA autocast's float32 list
 
 
+_TORCH_MULTI_GRAD_HOOK = mod_tracker.register_multi_grad_hook
+
+
+def _multi_grad_hook_holding_nothing(tensors: Sequence[torch.Tensor], fn: Callable[..., None], *,
+                                     mode: str = "all") -> RemovableHandle:
+    """``torch.autograd.graph.register_multi_grad_hook`` for MemTracker's module tracker, without its
+    cost: in ``"all"`` mode torch's version keeps each gradient it has seen until the last one of
+    ``tensors`` arrives, to pass them all to ``fn``. The tracker registers one on every module's tensor
+    inputs (to know when the module's backward ends), so a module given a tensor whose gradient is
+    complete only at the end of the backward (the text context of a cross-attention, the timestep
+    embedding of a ResBlock: they feed every block) kept its other input's gradient alive that long,
+    bytes that a run without the tracker frees at once. This one counts the gradients as torch's does
+    and calls ``fn`` with ``None`` for each (the tracker's ``fn`` does not read them)."""
+    if mode != "all":
+        return _TORCH_MULTI_GRAD_HOOK(tensors, fn, mode=mode)
+    grad_fns, n = [_get_grad_fn_or_grad_acc(t) for t in tensors], len(tensors)  # not the tensors: they would live on
+    counts: dict[int, list[int]] = {}  # backward call -> [gradients seen, gradients expected]
+
+    def hook(grad: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task not in counts:  # as torch: the tensors this backward reaches, known at its first call
+            counts[task] = [0, sum(map(torch._C._will_engine_execute_node, grad_fns))]
+        counts[task][0] += 1
+        if counts[task][0] == counts[task][1]:
+            del counts[task]
+            fn([None] * n)
+
+    return torch.autograd.graph._MultiHandle(tuple(t.register_hook(hook) for t in tensors))
+
+
 class _Tracker(MemTracker):
-    """MemTracker with two changes. Gradient hooks only on parameters that require gradients (its
-    own registration fails on a frozen parameter); and only the global peak is updated per operation
-    (its per-module peaks cost a pass over every module at every operation: minutes at full size)."""
+    """MemTracker with three changes. Gradient hooks only on parameters that require gradients (its
+    own registration fails on a frozen parameter); only the global peak is updated per operation
+    (its per-module peaks cost a pass over every module at every operation: minutes at full size);
+    and its module tracker holds no gradients (``_multi_grad_hook_holding_nothing``)."""
+
+    def __enter__(self) -> "_Tracker":
+        self._hook_patch = mock.patch.object(mod_tracker, "register_multi_grad_hook", _multi_grad_hook_holding_nothing)
+        self._hook_patch.start()
+        return super().__enter__()
+
+    def __exit__(self, *args: Any) -> None:
+        super().__exit__(*args)
+        self._hook_patch.stop()
 
     def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
         held = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
