@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from ldm.callbacks.image_logger import ImageLogger
+from ldm.models.diffusion.dreambooth import PROMPT_CACHE
 from ldm.callbacks.class_images import ClassImageSampler
 from core.config import instantiate_from_config
 from tests._util import randomize_, rel_err
@@ -144,6 +145,13 @@ def test_frozen_text_encoder_gets_no_grads_and_encodes_each_prompt_once(monkeypa
     assert rel_err(model.conditioning(batch["instance"]["caption"]), fresh) < 1e-5
     groups = model.configure_optimizers().param_groups
     assert [g["name"] for g in groups] == ["unet"]
+    # the device keeps the batch it stacked (the same tensor next step), not per-prompt copies beside it
+    both = [INSTANCE, CLASS]
+    assert model.conditioning(both) is model.conditioning(list(both))
+    assert all(c.shape[0] == len(key) for key, c in model._prompt_cache.items())
+    for k in range(PROMPT_CACHE + 3):  # bounded: the least recently used lists go
+        model.conditioning([f"a photo of {k} dog"])
+    assert len(model._prompt_cache) == PROMPT_CACHE and tuple(both) not in model._prompt_cache
 
 
 def test_text_encoder_has_its_own_learning_rate_and_the_vae_is_never_trained():

@@ -49,6 +49,30 @@ def test_state_dict_has_the_sd_v1_layout():
     assert {"model_ema.decay", "model_ema.num_updates", "model_ema.diffusion_modelinput_blocks00weight"} <= set(with_ema)
 
 
+def test_the_schedule_is_in_the_state_dict_but_stays_on_the_host_in_float32(tmp_path):
+    """The 12 schedule tables are sd-v1 keys (saved, loaded strictly, the file's values kept) but not
+    module buffers: .half() / .to() leave them float32 on the host (diffusers keeps its scheduler's
+    arrays off the device too) and DDP has nothing to broadcast for them."""
+    model = tiny_model()
+    assert not SCHEDULE_KEYS & {name for name, _ in model.named_buffers()}
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    changed = dict(sd, alphas_cumprod=sd["alphas_cumprod"] * 0.5)
+    model.half()
+    assert all(getattr(model, k).dtype == torch.float32 and getattr(model, k).device.type == "cpu" for k in SCHEDULE_KEYS)
+    model.float()
+    model.load_state_dict(changed)
+    assert torch.equal(model.alphas_cumprod, sd["alphas_cumprod"] * 0.5)
+    assert torch.equal(model.state_dict()["alphas_cumprod"], sd["alphas_cumprod"] * 0.5)
+    missing = {k: v for k, v in sd.items() if k != "posterior_variance"}
+    torch.save({"state_dict": missing}, tmp_path / "missing.ckpt")
+    with pytest.raises(CheckpointError, match=r"missing keys 1 \(posterior_variance\)"):
+        load_model(tiny_config(), tmp_path / "missing.ckpt")
+    wrong = dict(sd, betas=torch.zeros(10))
+    save_checkpoint(wrong, tmp_path / "wrong.safetensors")
+    with pytest.raises(CheckpointError, match=r"wrong shapes 1 \(betas \(10,\)"):
+        load_model(tiny_config(), tmp_path / "wrong.safetensors")
+
+
 def test_full_size_v1_inference_config_matches_diffusers_and_transformers_strictly():
     cfg = OmegaConf.load(FULL_CONFIG)
     with torch.device("meta"):

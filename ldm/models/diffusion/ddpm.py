@@ -78,8 +78,12 @@ class DDPM(pl.LightningModule):
         betas = (torch.tensor(given_betas, dtype=torch.float64).numpy() if given_betas is not None
                  else make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s))
         self.num_timesteps = len(betas)
-        for name, value in schedule_buffers(betas, v_posterior).items():
-            self.register_buffer(name, value)
+        # the schedule stays on the host, float32, whatever .to() / .half() / DDP do to the module: it is
+        # state-dict entries (sd-v1 keys, loaded from and saved to files) but not buffers; readers move a[t]
+        schedule = schedule_buffers(betas, v_posterior)
+        self.schedule_keys = tuple(schedule)
+        for name, value in schedule.items():
+            setattr(self, name, value)
         self.learning_rate = 1e-4
         self.base_path: str | None = None  # the file init_from_ckpt loaded: lean checkpoints refer to it
         self.base_ignore_keys: tuple[str, ...] = ()
@@ -91,6 +95,29 @@ class DDPM(pl.LightningModule):
     def from_config_params(cls, **params: Any) -> "DDPM":
         """Build from CompVis config parameters (``ldm.compat``)."""
         return cls(**compat.adapt("DDPM", params))
+
+    # ---- the host-side schedule in the state dict ------------------------------------------------
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.schedule_keys:
+            destination[prefix + name] = getattr(self, name) if keep_vars else getattr(self, name).detach()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        for name in self.schedule_keys:
+            key, current = prefix + name, getattr(self, name)
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict.pop(key)  # load_state_dict passes its own copy of the caller's mapping
+            if value.shape != current.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                                  f"the model has {tuple(current.shape)}")
+                continue
+            with torch.no_grad():
+                current.copy_(value)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ---- weights -------------------------------------------------------------------------
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), base: str | None = None) -> None:

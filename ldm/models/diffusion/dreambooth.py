@@ -18,8 +18,9 @@ and each half's loss is ``LatentDiffusion.eps_loss``, the one definition of the 
 weighting per half, as ``p_losses``).
 
 Caches (derived data, never saved in checkpoints):
-- frozen text encoder: each distinct prompt is encoded once, alone (so the result does not depend on
-  which prompts shared its batch), and kept by prompt.
+- frozen text encoder: each distinct prompt is encoded alone (so the result does not depend on
+  which prompts shared its batch), and the stacked batch is kept by its list of prompts (the last
+  ``PROMPT_CACHE`` lists): the device holds one conditioning batch, no per-prompt copies beside it.
 - ``cache_latents``: the VAE posterior moments of each distinct image, keyed by a hash of its pixels.
   A random flip or crop gives other pixels and so another entry; the cache is therefore correct for
   any augmentation, but only pays off when the items repeat (center crop: at most 2 entries per
@@ -37,6 +38,8 @@ from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.schedule import offset_noise
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.lora import TEXT_ATTENTION, LoRAConfig
+
+PROMPT_CACHE = 8  # conditioning batches a frozen text encoder keeps (by their prompt lists)
 
 
 def image_key(image: torch.Tensor) -> bytes:
@@ -89,7 +92,7 @@ class DreamBooth(LatentDiffusion):
             lora_config.inject(self.model.diffusion_model, lora_config.unet_targets)
             if lora_config.text_encoder:
                 lora_config.inject(self.cond_stage_model.transformer, TEXT_ATTENTION)
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache: dict[tuple[str, ...], torch.Tensor] = {}  # insertion order = use order
         self._moment_cache: dict[bytes, torch.Tensor] = {}
 
     @classmethod
@@ -100,14 +103,21 @@ class DreamBooth(LatentDiffusion):
 
     # ---- inputs --------------------------------------------------------------------------------
     def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts -> c [B, 77, D]; a frozen encoder encodes each distinct prompt once, alone."""
+        """Prompts -> c [B, 77, D]; a frozen encoder encodes each distinct prompt alone, and the batch
+        it stacks is kept for the next batch of the same prompts (the last ``PROMPT_CACHE`` lists), so
+        the device holds one conditioning batch, as a run that encodes every step does at its peak."""
         if self.train_text_encoder:
             return self.get_learned_conditioning(prompts)
-        with torch.no_grad():
-            for prompt in dict.fromkeys(prompts):
-                if prompt not in self._prompt_cache:
-                    self._prompt_cache[prompt] = self.get_learned_conditioning([prompt])[0]  # (77, D)
-        return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)  # (B, 77, D)
+        key = tuple(prompts)
+        c = self._prompt_cache.pop(key, None)
+        if c is None:
+            with torch.no_grad():
+                alone = {p: self.get_learned_conditioning([p])[0] for p in dict.fromkeys(prompts)}  # (77, D)
+                c = torch.stack([alone[p] for p in prompts]).to(self.device)  # (B, 77, D)
+            while len(self._prompt_cache) >= PROMPT_CACHE:
+                self._prompt_cache.pop(next(iter(self._prompt_cache)))  # least recently used
+        self._prompt_cache[key] = c
+        return c
 
     @torch.no_grad()
     def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:

@@ -44,7 +44,7 @@ class CompVisSampler:
         """Sample ``batch_size`` latents of ``shape`` (C, H, W) in S steps; returns (samples, intermediates)."""
         if unsupported:
             raise TypeError(f"{type(self).__name__}.sample: unsupported arguments {sorted(unsupported)}")
-        device = self.model.betas.device
+        device = self.model.device
         if x_T is None:
             x_T = torch.randn((batch_size, *shape), generator=generator, device=device)
         elif tuple(x_T.shape) != (batch_size, *shape):

@@ -2,7 +2,9 @@
 
 Notation: beta_t the noise variances, alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s
 (``alphas_cumprod``). The buffers are computed in float64 and stored in float32, exactly as the
-CompVis code does, so the values equal those saved in the released sd-v1 checkpoints.
+CompVis code does, so the values equal those saved in the released sd-v1 checkpoints. A system keeps
+them on the host (``ddpm.DDPM``: state-dict entries, not module buffers): the functions below read
+``a[t]`` on the device of ``t``, through a temporary copy of the 1000-entry table.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def schedule_buffers(betas: np.ndarray, v_posterior: float = 0.0) -> dict[str, t
 
 def extract(a: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """a[t] reshaped to broadcast over a batch of ``ndim``-dimensional tensors: (B,) -> (B, 1, ..., 1)."""
-    return a.gather(0, t.long()).reshape(-1, *([1] * (ndim - 1)))
+    return a.to(t.device).gather(0, t.long()).reshape(-1, *([1] * (ndim - 1)))
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sqrt_abar: torch.Tensor,
@@ -66,7 +68,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, sqrt_abar: 
 
 def snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """SNR(t) = abar_t / (1 - abar_t), the signal-to-noise ratio of x_t (Kingma et al. 2021): (B,)."""
-    abar = alphas_cumprod.gather(0, t.long())
+    abar = alphas_cumprod.to(t.device).gather(0, t.long())
     return abar / (1 - abar)
 
 
