@@ -33,7 +33,7 @@ Rows:
 Measured by simulation (``benchmarks/memory.py``: FakeTensorMode + MemTracker, nothing allocated);
 with ``--device cuda`` also by ``torch.cuda.max_memory_allocated``.
 
-    python -m benchmarks.memory_blip2                  # the default rows (~5 min on 2 CPU cores)
+    python -m benchmarks.memory_blip2                  # the default 6 rows (~8 min on 2 CPU cores)
     python -m benchmarks.memory_blip2 --rows all --out memory_blip2.md
     python -m benchmarks.memory_blip2 --rows finetune/bf16-mixed/ckpt/adamw8bit --device cuda
 """
