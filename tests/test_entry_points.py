@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["main.py", "scripts/sample.py", "scripts/caption.py", "scripts/evaluate_blip2.py"]
 COMMANDS = ["db2-train", "db2-sample", "db2-export", "db2-export-lora", "db2-caption", "db2-retrieve",
             "db2-export-blip2", "db2-evaluate-toy", "db2-evaluate-blip2"]
-MODULES = ["blip2.export", "toy.shapes", "benchmarks.bench_sd", "benchmarks.memory_sd", "benchmarks.checkpoint_size"]
+MODULES = ["blip2.export", "toy.shapes", "benchmarks.bench_sd", "benchmarks.memory_sd", "benchmarks.memory_blip2",
+           "benchmarks.checkpoint_size"]
 
 
 def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:

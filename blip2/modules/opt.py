@@ -41,9 +41,12 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def apply(self, fn) -> None:
-        """Apply ``fn`` along the batch dimension (beam reorder / repeat) to the filled positions only."""
-        self.keys = [self._mapped(t, fn) for t in self.keys]
-        self.values = [self._mapped(t, fn) for t in self.values]
+        """Apply ``fn`` along the batch dimension (beam reorder / repeat) to the filled positions only.
+        Layer by layer, each old buffer dropped as soon as its replacement exists: expanding the batch
+        to the beams (16 -> 80 rows at full size) never holds the old cache beside the new one."""
+        for buffers in (self.keys, self.values):
+            for layer, buf in enumerate(buffers):
+                buffers[layer] = self._mapped(buf, fn)
 
     def _mapped(self, buf: torch.Tensor | None, fn) -> torch.Tensor | None:
         if buf is None:
@@ -181,7 +184,9 @@ class DecodingSession:
                  use_cache: bool = True):
         self.lm = lm
         self.embeds, self.key_mask = embeds, key_mask.bool()  # (N, S, D), (N, S)
-        self.cache = KVCache(len(lm.decoder.layers), embeds.shape[1] + max_new_tokens) if use_cache else None
+        # the decoding rules feed back at most max_new_tokens - 1 tokens (the last one ends the loop)
+        capacity = embeds.shape[1] + max(max_new_tokens - 1, 0)
+        self.cache = KVCache(len(lm.decoder.layers), capacity) if use_cache else None
 
     def prefill(self) -> torch.Tensor:
         """Run the prefix; next-token logits [N, V]."""
