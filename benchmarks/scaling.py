@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -71,11 +72,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.steps, args.new_tokens, args.repeats) < 1:
         raise ValueError("--steps, --new_tokens and --repeats: expected integers >= 1")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ValueError(f"--plot {args.plot}: matplotlib is not installed (pip install matplotlib)") from None
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError(f"--plot {args.plot}: matplotlib is not installed (pip install matplotlib)")
     return args
 
 

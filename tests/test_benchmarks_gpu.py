@@ -70,3 +70,18 @@ def test_scaling_tiny_measures_each_kind_of_sweep(tmp_path):
         cells = line.split(" | ")
         assert float(cells[3]) > 0 and float(cells[6]) > 0 and float(cells[7]) > 0  # seconds, peak MiB
     assert "captions equal" in out.read_text() and "grads" in out.read_text()
+
+
+def test_a_disagreement_fails_its_section_and_keeps_the_figures(monkeypatch):
+    real = workloads.blip2_models
+
+    def perturbed(*args, **kwargs):
+        ours, ref = real(*args, **kwargs)
+        with torch.no_grad():
+            ref.language_projection.weight.mul_(1.5)
+        return ours, ref
+
+    monkeypatch.setattr(workloads, "blip2_models", perturbed)
+    (section,) = gpu.run_all(gpu.parse_args(["--smoke", "--sections", "blip2"]))
+    assert section.status.startswith("failed: RuntimeError: stage-2 fine-tuning step")
+    assert "MISMATCH" in section.text and "beam-5 captioning" in section.text
