@@ -14,7 +14,7 @@ rows are reported).
 On a CPU the default sizes are the mid-size models of bench_sd / bench_blip2 (sd-v1's classes at a
 fifth of the width; BLIP-2 with OPT 512x6), the pixel sizes as sd-v1 would see them (latents = px/8).
 
-    python -m benchmarks.scaling --out scaling.md --plot docs/scaling.png   # ~10 min, 1 thread
+    python -m benchmarks.scaling --out scaling.md --plot docs/scaling.png   # 5-9 min, 1 thread, 2-core CPU
     python -m benchmarks.scaling --full                                     # more points
 """
 from __future__ import annotations
