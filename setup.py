@@ -42,7 +42,8 @@ setup(
         # test oracles and test data; open_clip_torch is installed with --no-deps (see .ci/run)
         # pycocoevalcap: the coco-caption BLEU / CIDEr scorers (pure Python) as an oracle for ours
         # peft: diffusers' load_lora_weights needs it (the oracle of our LoRA files)
+        # matplotlib: the figures of benchmarks/scaling.py (--plot)
         "test": ["pytest>=8", "diffusers>=0.30", "scikit-image", "accelerate", "pycocoevalcap", "peft",
-                 "bitsandbytes>=0.45"],
+                 "bitsandbytes>=0.45", "matplotlib>=3.7"],
     },
 )

@@ -3,8 +3,10 @@ sides agree and the report is written; a failing section leaves the others; the 
 benchmarks/scaling.py on tiny models: its table from measured points of each kind of sweep."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks import gpu, scaling, workloads
 from benchmarks.bench_sd import TOLERANCE
@@ -61,8 +63,14 @@ def test_device_peaks_by_name(name, peak):
 def test_scaling_tiny_measures_each_kind_of_sweep(tmp_path):
     out = tmp_path / "scaling.md"
     sweeps = ["sampling-px", "dreambooth-batch", "caption-beams"]
+    png = tmp_path / "scaling.png"
     assert scaling.main(["--tiny", "--repeats", "1", "--steps", "1", "--new_tokens", "2", "--sweeps", *sweeps,
-                         "--out", str(out)]) == 0
+                         "--out", str(out), "--plot", str(png)]) == 0
+    with Image.open(png) as figure:  # one column a sweep, time above memory
+        assert figure.format == "PNG" and figure.width > 1.5 * figure.height > 300
+        pixels = np.asarray(figure.convert("RGB")).reshape(-1, 3).astype(int)
+        coloured = (pixels.max(axis=1) - pixels.min(axis=1)) > 80  # the plotted lines, not black or grey
+        assert coloured.sum() > 200
     lines = [line for line in out.read_text().splitlines() if line.startswith("| ") and "sweep" not in line]
     assert [line.split(" | ")[0].removeprefix("| ") for line in lines] == [
         s for s in sweeps for _ in scaling.SWEEPS[s][5]]
