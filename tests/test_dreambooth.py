@@ -86,6 +86,28 @@ def test_one_unet_forward_per_step_on_both_halves_concatenated():
     assert calls == [4, 2]
 
 
+def test_separate_forwards_give_the_same_losses_and_gradients_in_two_unet_calls():
+    model, batch = dreambooth(), pair(2)
+    results = {}
+    for separate in (False, True):
+        model.separate_forwards = separate
+        calls = []
+        hook = model.model.diffusion_model.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
+        try:
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(7)
+            losses = model.denoising_losses(batch["instance"], batch["class"])
+            (losses[0] + losses[1]).backward()
+        finally:
+            hook.remove()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[separate] = (calls, torch.stack(losses).detach(), grads)
+    assert results[False][0] == [4] and results[True][0] == [2, 2]
+    assert rel_err(results[True][1], results[False][1]) < 1e-5
+    assert rel_err(results[True][1][0], results[True][1][1]) > 1e-2  # the halves differ: a swap would show
+    assert rel_err(results[True][2], results[False][2]) < 1e-5
+
+
 def unet_grad(model, batch: dict, seed: int = 5) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)

@@ -7,10 +7,12 @@ prior-preservation loss of Eq. 2:
 where ``c_instance`` encodes "a photo of [identifier] [class]" and ``c_class`` "a photo of a [class]",
 the second term on images the base model generated of the class, and lambda = ``prior_loss_weight``.
 
-Layout: one forward of the UNet per step on both halves of the batch, concatenated (as diffusers'
-train_dreambooth.py; XavierXiao's DreamBooth-Stable-Diffusion runs one per half). Under autocast two
+Layout: by default one forward of the UNet per step on both halves of the batch, concatenated (as
+diffusers' train_dreambooth.py); ``separate_forwards`` runs one forward per half instead (as
+XavierXiao's DreamBooth-Stable-Diffusion), with the same draws, context and losses. Under autocast two
 forwards would share the cached 16-bit weight copies and, without gradient checkpointing, the backward
-would hold 16-bit gradients of every trained weight until both halves were done. Each half draws from
+would hold 16-bit gradients of every trained weight until both halves were done; two smaller
+forwards peak lower in activation memory. ``benchmarks/bench_dreambooth.py`` times both. Each half draws from
 the global torch RNG in a fixed order: the posterior sample of z, then t ~ U{0..T-1}, then eps ~ N(0, I)
 (``offset_noise``); the instance half first. A resumed run that restores the RNG state therefore
 reproduces the draws. The prompts of both halves are encoded together, the prediction is split back
@@ -71,11 +73,13 @@ class DreamBooth(LatentDiffusion):
     the text encoder and trains only low-rank adapters on them: on the UNet's ``unet_targets``, and on
     the text encoder's attention when ``lora.text_encoder`` (which ``train_text_encoder`` must match).
     The base checkpoint loads before the adapters exist, so its keys stay the sd-v1 keys.
+
+    ``separate_forwards``: one UNet forward per half of the batch instead of one on both (see above).
     """
 
     def __init__(self, *, prior_loss_weight: float = 1.0, train_text_encoder: bool = True,
                  text_encoder_lr: float | None = None, cache_latents: bool = False,
-                 lora: Mapping[str, Any] | None = None, **kwargs: Any):
+                 lora: Mapping[str, Any] | None = None, separate_forwards: bool = False, **kwargs: Any):
         if prior_loss_weight < 0:
             raise ValueError(f"DreamBooth: prior_loss_weight must be >= 0, got {prior_loss_weight}")
         if text_encoder_lr is not None and not train_text_encoder:
@@ -86,6 +90,7 @@ class DreamBooth(LatentDiffusion):
         self.train_text_encoder = train_text_encoder
         self.text_encoder_lr = text_encoder_lr
         self.cache_latents = cache_latents
+        self.separate_forwards = separate_forwards
         self.model.requires_grad_(True)  # LatentDiffusion froze the VAE and set the text encoder as asked
         self.lora = lora_config
         if lora_config is not None:
@@ -141,12 +146,18 @@ class DreamBooth(LatentDiffusion):
         return z, t, offset_noise(z, self.noise_offset)
 
     def denoising_losses(self, *parts: Mapping) -> list[torch.Tensor]:
-        """The eps loss of each part (half of the batch), through one UNet forward on all of them."""
-        z, t, noise = (torch.cat(x) for x in zip(*[self.draws(part) for part in parts]))
-        c = self.conditioning([p for part in parts for p in part[self.cond_stage_key]])
-        eps = self.apply_model(self.q_sample(z, t, noise), t, c)
+        """The eps loss of each part (half of the batch): one UNet forward on all of them, or one per
+        part with ``separate_forwards``; the prompts of all parts are encoded together."""
+        draws = [self.draws(part) for part in parts]  # [(z, t, eps)] per part
         sizes = [len(part[self.cond_stage_key]) for part in parts]
-        return [self.eps_loss(*half)[0] for half in zip(eps.split(sizes), noise.split(sizes), t.split(sizes))]
+        c = self.conditioning([p for part in parts for p in part[self.cond_stage_key]])  # (B_all, 77, D)
+        if self.separate_forwards:
+            eps = [self.apply_model(self.q_sample(z, t, noise), t, c_part)
+                   for (z, t, noise), c_part in zip(draws, c.split(sizes))]
+        else:
+            z, t, noise = (torch.cat(x) for x in zip(*draws))
+            eps = self.apply_model(self.q_sample(z, t, noise), t, c).split(sizes)
+        return [self.eps_loss(e, noise, t)[0] for e, (_, t, noise) in zip(eps, draws)]
 
     # ---- Lightning -----------------------------------------------------------------------------
     def training_step(self, batch: Mapping, batch_idx: int) -> torch.Tensor:
