@@ -1,4 +1,5 @@
-"""BLIP-2 OPT captioning throughput, ours against transformers: the same random weights, one run.
+"""BLIP-2 OPT captioning and a stage-2 training step, ours against transformers: the same random
+weights, one run.
 
 Beam-search captioning of a batch of images with ``min_new_tokens = max_new_tokens``, so every row
 decodes the same number of tokens on both sides. transformers' ``Blip2ForConditionalGeneration``
@@ -7,14 +8,27 @@ and transformers reloads it with ``from_pretrained`` (both keep the Q-Former in 
 with the KV cache off (``use_cache=False``), to show what the cache buys. The generated token ids
 of the two sides are compared and the agreement is printed with the figures.
 
+The training step (``--what train``): stage 2 (ViT and OPT frozen; the Q-Former, its queries, the
+projection and ``ln_vision`` trained), captions of ``--batch`` images. Ours: what main.py's loop
+calls for one optimizer step of ``Blip2OPTFinetune`` (its lr setting, ``training_step`` --
+tokenising the captions included --, backward, the AdamW step of ``configure_optimizers``,
+``zero_grad``; Lightning's loop and logging not timed). transformers: ``Blip2ForConditionalGeneration
+(pixel_values, input_ids, attention_mask, labels=)`` on ids its processor made (not timed: the
+data loader's work), backward, ``torch.optim.AdamW`` over the same parameters with the same groups
+(weight decay 0.05, none on biases and norms). Before timing, one step each in eval mode (no
+dropout) from the same weights: the losses and the updates of the trained weights must agree.
+
     python -m benchmarks.bench_blip2                       # mid-size model, CPU, ~1-2 min on 2 cores
     python -m benchmarks.bench_blip2 --full --device cuda --dtype bf16   # opt-2.7b, batch 16
+    python -m benchmarks.bench_blip2 --what train      # the stage-2 training step only
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,8 +39,17 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration
 from core.cli import ArgumentParser
 from benchmarks.common import DTYPES, Timing, interleaved, machine_line, markdown_table
 from blip2 import Blip2OPT
+from blip2.losses.caption_lm import IGNORE_INDEX, caption_tokens
+from blip2.models.finetune import Blip2OPTFinetune
+from core.optim import set_lr
 
 IMAGE_TOKEN, NEWLINE, PAD = 50265, 50118, 1  # the Hub's <image> id, OPT's "\n" (caption end), pad
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "models" / "toy" / "blip2-tokenizer"  # a byte-level BPE (ids < 319) for the captions
+CAPTIONS = ["a red square on a white background", "a small blue circle in the middle of the picture",
+            "two green triangles", "a yellow star next to a big red square on a white background"]
+LR, WEIGHT_DECAY = 1e-5, 0.05
+TRAIN_TOLERANCE = {"loss": 1e-5, "update": 1e-3}  # AdamW's first update: sign-like, see bench_dreambooth
 # The mid-size model: BLIP-2's shape (ViT/14 at 224 px, 32 queries, cross-attention every 2nd
 # Q-Former layer, OPT with the real 50304-token vocabulary) at a fraction of its widths and depths.
 MID = dict(
@@ -61,6 +84,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--new_tokens", type=int, default=20, help="min_new_tokens = max_new_tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side, after one warm-up")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--what", choices=["caption", "train", "both"], default="both")
+    p.add_argument("--train_batch", type=int, default=4, help="images per training step")
     return p.parse_args(argv)
 
 
@@ -106,11 +131,7 @@ def row(name: str, t: Timing, ref: Timing, batch: int, agree: str) -> list[str]:
     return [name, f"{t.median:.3f}", f"{batch / t.median:.2f}", f"{t.median / ref.median:.2f}", agree]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    with tempfile.TemporaryDirectory(prefix="bench_blip2_") as tmp:
-        s = make_setup(args, Path(tmp))
+def bench_caption(s: Setup, args: argparse.Namespace, device: torch.device) -> None:
     print(f"# {describe(s, args)}; {machine_line(device)}", flush=True)
     sides = {
         "ours (KV cache)": lambda: s.ours.generate_ids(s.pixel_values, **s.options),
@@ -125,7 +146,120 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows.append(row(name, t, timings["transformers"], batch, f"{same}/{batch}"))
     header = ["side", "median s / batch", "images/s", "vs transformers", "captions equal to transformers'"]
     print(markdown_table(header, rows))
-    print(f"# finished; {machine_line(device)}")
+    print(f"# finished captioning; {machine_line(device)}", flush=True)
+
+
+# ---- the stage-2 training step ------------------------------------------------------------------
+@dataclass
+class TrainSetup:
+    ours: Blip2OPTFinetune
+    ours_opt: torch.optim.Optimizer
+    ref: Blip2ForConditionalGeneration
+    ref_opt: torch.optim.Optimizer
+    batch: dict  # ours: {"image", "text_input"}
+    ref_inputs: dict  # transformers: pixel_values, input_ids, attention_mask, labels
+
+
+def reference_groups(ref: Blip2ForConditionalGeneration) -> list[dict]:
+    """Stage 2 on transformers' model: freeze the ViT (but its post-layernorm, LAVIS's ln_vision)
+    and OPT; AdamW groups with and without weight decay (biases and norms: none)."""
+    for part in (ref.vision_model.embeddings, ref.vision_model.encoder, ref.language_model):
+        part.requires_grad_(False)
+    trained = [p for p in ref.parameters() if p.requires_grad]
+    return [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+            {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def make_train_setup(args: argparse.Namespace, folder: Path) -> TrainSetup:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    config = save_reference(folder, args.full, dtype, device, args.seed)
+    for f in TOKENIZER.iterdir():
+        shutil.copy(f, folder / f.name)
+    with torch.device(device):
+        ours = Blip2OPTFinetune(pretrained=str(folder), learning_rate=LR, weight_decay=WEIGHT_DECAY)
+    ref = Blip2ForConditionalGeneration.from_pretrained(str(folder), dtype=dtype).to(device)
+    ref_opt = torch.optim.AdamW(reference_groups(ref), lr=LR, betas=(0.9, 0.999), eps=1e-8)
+    n, size = args.train_batch, config.vision_config.image_size
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    pixels = torch.randn(n, 3, size, size, generator=gen, device=device).to(dtype)
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
+    tokens = caption_tokens(ours.model.tokenizer, captions, ours.prompt_len, ours.max_txt_len)
+    q = config.num_query_tokens
+    ref_inputs = dict(pixel_values=pixels,
+                      input_ids=torch.cat([torch.full((n, q), IMAGE_TOKEN), tokens.input_ids], 1).to(device),
+                      attention_mask=torch.cat([torch.ones(n, q, dtype=torch.long), tokens.attention_mask], 1).to(device),
+                      labels=torch.cat([torch.full((n, q), IGNORE_INDEX), tokens.labels], 1).to(device))
+    return TrainSetup(ours, ours.configure_optimizers(), ref, ref_opt, {"image": pixels, "text_input": captions},
+                      ref_inputs)
+
+
+def ours_train_step(t: TrainSetup) -> torch.Tensor:
+    set_lr(t.ours_opt, t.ours.learning_rate)  # on_train_batch_start: the schedule's lr (constant here)
+    loss = t.ours.training_step(t.batch, 0)
+    loss.backward()
+    t.ours_opt.step()
+    t.ours_opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def ref_train_step(t: TrainSetup) -> torch.Tensor:
+    loss = t.ref(**t.ref_inputs).loss
+    loss.backward()
+    t.ref_opt.step()
+    t.ref_opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def trained_vector(model: torch.nn.Module) -> torch.Tensor:
+    """The trained parameters, by name order (ours and transformers use the same names)."""
+    return torch.cat([p.detach().flatten().double() for _, p in sorted(model.named_parameters())
+                      if p.requires_grad])
+
+
+def check_train_step(t: TrainSetup) -> dict[str, float]:
+    t.ours.eval(), t.ref.eval()
+    before_o, before_r = trained_vector(t.ours.model), trained_vector(t.ref)
+    if before_o.shape != before_r.shape or not torch.equal(before_o, before_r):
+        raise SystemExit("bench_blip2: the two sides do not start from the same trained weights")
+    loss_o, loss_r = ours_train_step(t), ref_train_step(t)
+    delta_o, delta_r = trained_vector(t.ours.model) - before_o, trained_vector(t.ref) - before_r
+    t.ours.train(), t.ref.train()
+    return {"loss": (abs(loss_o - loss_r) / abs(loss_r)).item(),
+            "update": ((delta_o - delta_r).norm() / delta_r.norm()).item()}
+
+
+def bench_train(args: argparse.Namespace, device: torch.device) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_blip2_train_") as tmp:
+        t = make_train_setup(args, Path(tmp))
+    errors = check_train_step(t)
+    bad = {k: v for k, v in errors.items() if v > TRAIN_TOLERANCE[k]}
+    if bad:
+        raise SystemExit(f"bench_blip2: the training steps differ ({bad}): not the same computation")
+    timings = interleaved({"ours": lambda: ours_train_step(t), "transformers": lambda: ref_train_step(t)},
+                          device, warmup=1, repeats=args.repeats)
+    n_trained = sum(p.numel() for p in t.ours.parameters() if p.requires_grad) / 1e6
+    print(f"# stage-2 training step, batch {args.train_batch}, {n_trained:.1f}M trained parameters, "
+          f"{args.dtype}; {machine_line(device)}", flush=True)
+    ref_s = timings["transformers"].median
+    agree = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+    rows = [[name, f"{tm.median:.3f}", f"{tm.median / ref_s:.2f}", agree if name == "ours" else ""]
+            for name, tm in timings.items()]
+    print(markdown_table(["side", "median s / step", "vs transformers", "one-step agreement"], rows))
+    print("# seconds per step: " + "; ".join(f"{k} " + " ".join(f"{v:.3f}" for v in tm.seconds)
+                                             for k, tm in timings.items()))
+    print(f"# finished training step; {machine_line(device)}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    warnings.filterwarnings("ignore", ".*self.log.*")  # no trainer: our training_step's log is a no-op
+    if args.what in ("caption", "both"):
+        with tempfile.TemporaryDirectory(prefix="bench_blip2_") as tmp:
+            s = make_setup(args, Path(tmp))
+        bench_caption(s, args, device)
+    if args.what in ("train", "both"):
+        bench_train(args, device)
 
 
 if __name__ == "__main__":
