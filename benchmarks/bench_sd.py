@@ -1,10 +1,11 @@
 """Stable Diffusion v1, ours against diffusers: the same UNet weights, the same inputs, one run.
 
-Measures (1) a UNet training step (forward + backward of the eps MSE loss) and (2) a DDIM + CFG
+Measures (1) a UNet training step (forward + backward of the eps MSE loss), (2) a DDIM + CFG
 sampling run in latent space (no VAE decode on either side): our ``DDIMSampler`` over
 ``LatentDiffusion.apply_model`` against diffusers' ``UNet2DConditionModel`` in the CFG loop of its
 pipelines with a ``DDIMScheduler`` configured as CompVis (leading spacing, steps_offset 1,
-set_alpha_to_one False). diffusers' weights are ours, converted by diffusers' own converter. The
+set_alpha_to_one False), and (3) the same with our ``PLMSSampler`` against diffusers'
+``PNDMScheduler(skip_prk_steps=True)`` (both evaluate the UNet steps + 1 times). diffusers' weights are ours, converted by diffusers' own converter. The
 sides must agree: one float32 forward before anything is timed (at the parity bound), then the timed
 runs' loss, gradients and final latents (reported in the table; a mismatch ends with an error).
 
@@ -22,13 +23,14 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, PNDMScheduler, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 from diffusers.utils import logging as diffusers_logging
 from omegaconf import OmegaConf
 
 from benchmarks.common import DTYPES, Timing, interleaved, machine_line, markdown_table
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from core.cli import ArgumentParser
 from core.config import instantiate_from_config
@@ -36,6 +38,7 @@ from core.config import instantiate_from_config
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."
 GUIDANCE = 7.5
+BENCHES = ("train", "ddim", "plms")
 # The mid-size UNet: sd-v1's architecture (attention at every level, 2 ResBlocks a level, CLIP-L
 # context) at a fifth of its width, three levels instead of four, and head widths 32-64 (sd-v1: 40-160).
 MID_UNET = dict(model_channels=64, channel_mult=[1, 2, 2], attention_resolutions=[4, 2, 1],
@@ -73,7 +76,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2, help="latent batch size (CFG doubles it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    return p.parse_args(argv)
+    p.add_argument("--only", default="train,ddim,plms", help="comma-separated subset of train, ddim, plms")
+    args = p.parse_args(argv)
+    args.only = [w.strip() for w in args.only.split(",") if w.strip()]
+    unknown = sorted(set(args.only) - set(BENCHES))
+    if unknown or not args.only:
+        p.error(f"--only: expected names among {', '.join(BENCHES)}, got {unknown or 'none'}")
+    return args
 
 
 def model_config(full: bool) -> dict:
@@ -200,22 +209,29 @@ def bench_train(s: Setup, names: dict[str, str], device: torch.device, repeats: 
 
 
 # ---- (2) DDIM + CFG sampling --------------------------------------------------------------------
-def sample_ours(s: Setup, steps: int) -> torch.Tensor:
+def sample_ours(s: Setup, steps: int, sampler: type = DDIMSampler) -> torch.Tensor:
     x_T = s.x
-    samples, _ = DDIMSampler(s.ours).sample(S=steps, batch_size=x_T.shape[0], shape=tuple(x_T.shape[1:]),
-                                            conditioning=s.context, unconditional_guidance_scale=GUIDANCE,
-                                            unconditional_conditioning=s.uncontext, eta=0.0, x_T=x_T, verbose=False)
+    samples, _ = sampler(s.ours).sample(S=steps, batch_size=x_T.shape[0], shape=tuple(x_T.shape[1:]),
+                                        conditioning=s.context, unconditional_guidance_scale=GUIDANCE,
+                                        unconditional_conditioning=s.uncontext, eta=0.0, x_T=x_T, verbose=False)
     return samples
 
 
+COMPVIS_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        set_alpha_to_one=False, steps_offset=1)
+
+
 def compvis_ddim() -> DDIMScheduler:
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    return DDIMScheduler(clip_sample=False, timestep_spacing="leading", **COMPVIS_SCHEDULE)
 
 
-def sample_diffusers(s: Setup, steps: int) -> torch.Tensor:
+def compvis_pndm() -> PNDMScheduler:
+    return PNDMScheduler(skip_prk_steps=True, timestep_spacing="leading", **COMPVIS_SCHEDULE)
+
+
+def sample_diffusers(s: Setup, steps: int, make_scheduler: Callable = compvis_ddim) -> torch.Tensor:
     """The denoising loop of diffusers' StableDiffusionPipeline, latents in and out."""
-    scheduler = compvis_ddim()
+    scheduler = make_scheduler()
     scheduler.set_timesteps(steps, device=s.x.device)
     embeds = torch.cat([s.uncontext, s.context])  # [2B, 77, D]
     latents = s.x * scheduler.init_noise_sigma
@@ -227,10 +243,11 @@ def sample_diffusers(s: Setup, steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bench_sampling(s: Setup, device: torch.device, repeats: int) -> tuple[dict, dict]:
-    for run in (sample_ours, sample_diffusers):  # warm-up: a short run each
-        run(s, 2)
-    sides = {"ours": lambda: sample_ours(s, s.steps), "diffusers": lambda: sample_diffusers(s, s.steps)}
+def bench_sampling(s: Setup, device: torch.device, repeats: int, sampler: type = DDIMSampler,
+                   make_scheduler: Callable = compvis_ddim) -> tuple[dict, dict]:
+    sample_ours(s, 2, sampler), sample_diffusers(s, 2, make_scheduler)  # warm-up: a short run each
+    sides = {"ours": lambda: sample_ours(s, s.steps, sampler),
+             "diffusers": lambda: sample_diffusers(s, s.steps, make_scheduler)}
     timings = interleaved(sides, device, warmup=0, repeats=repeats)
     return timings, {"latents": rel_err(timings["ours"].result, timings["diffusers"].result)}
 
@@ -268,10 +285,10 @@ def report(s: Setup, device: torch.device, results: dict[str, tuple[dict, dict]]
     batch, size = s.x.shape[0], s.x.shape[-1]
     header = ["config", "ours (s)", "diffusers (s)", "ours/diffusers", "it/s ours / diffusers"]
     header += ["peak GiB over held, ours / diffusers"] if device.type == "cuda" else []
-    rows = [row(f"UNet fwd+bwd, batch {batch}, {size}x{size} latents, 77x{s.context.shape[-1]} context",
-                *results["train"], 1, device),
-            row(f"DDIM {s.steps} steps + CFG {GUIDANCE}, batch {batch} (x2), {size}x{size} latents",
-                *results["sampling"], s.steps, device)]
+    names = {"train": f"UNet fwd+bwd, batch {batch}, {size}x{size} latents, 77x{s.context.shape[-1]} context",
+             "ddim": f"DDIM {s.steps} steps + CFG {GUIDANCE}, batch {batch} (x2), {size}x{size} latents",
+             "plms": f"PLMS {s.steps} steps + CFG {GUIDANCE}, batch {batch} (x2), {size}x{size} latents"}
+    rows = [row(names[k], *v, 1 if k == "train" else s.steps, device) for k, v in results.items()]
     print(markdown_table(header + ["rel. error"], rows))
     for name, (timings, _) in results.items():
         print(f"# {name} seconds per repeat: " + "; ".join(f"{k} {raw(t)}" for k, t in timings.items()))
@@ -289,11 +306,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     fp32_err = check_forward(s)
     s = cast(s, dtype)
     print(f"# {describe(s, args)}; {machine_line(device)}; fp32 forward parity {fp32_err:.1e}", flush=True)
-    results = {"train": bench_train(s, names, device, args.repeats),
-               "sampling": bench_sampling(s, device, args.repeats)}
+    runs = {"train": lambda: bench_train(s, names, device, args.repeats),
+            "ddim": lambda: bench_sampling(s, device, args.repeats),
+            "plms": lambda: bench_sampling(s, device, args.repeats, PLMSSampler, compvis_pndm)}
+    results = {name: runs[name]() for name in args.only}
     report(s, device, results)
-    for name, err in {**results["train"][1], **results["sampling"][1]}.items():
-        check(f"{args.dtype} {name}", err, TOLERANCE[dtype])
+    for name, (_, errors) in results.items():
+        for what, err in errors.items():
+            check(f"{args.dtype} {name} {what}", err, TOLERANCE[dtype])
 
 
 if __name__ == "__main__":
