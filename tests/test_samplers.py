@@ -98,3 +98,29 @@ def test_cfg_is_one_batched_forward_and_the_guidance_formula():
     model.batches.clear()
     guided_eps_fn(model, cond, uncond, 1.0)(x, t)
     assert model.batches == [3]
+
+
+def test_sampler_projects_the_context_once_and_samples_the_same():
+    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.modules.attention import CrossAttention
+    from tests.sd_fixtures import tiny_model
+
+    model = tiny_model()
+    unet = model.model.diffusion_model
+    cross = [m for m in unet.modules() if isinstance(m, CrossAttention) and m.to_k.in_features != m.to_q.in_features]
+    calls = []
+    for m in cross:
+        m.to_k.register_forward_hook(lambda *_: calls.append(1))
+    gen = torch.Generator().manual_seed(4)
+    x_T = torch.randn(2, 4, 8, 8, generator=gen)
+    c, uc = torch.randn(2, 77, 32, generator=gen), torch.randn(2, 77, 32, generator=gen)
+    with torch.no_grad():
+        plain, _ = sample_ddim(guided_eps_fn(model, c, uc, 5.0), x_T, model.alphas_cumprod, ddim_timesteps(1000, 3))
+    assert len(calls) == 3 * len(cross) > 0  # without the memo: once a step
+    calls.clear()
+    ours, _ = DDIMSampler(model).sample(S=3, batch_size=2, shape=(4, 8, 8), conditioning=c,
+                                        unconditional_guidance_scale=5.0, unconditional_conditioning=uc,
+                                        x_T=x_T, verbose=False)
+    assert len(calls) == len(cross)  # the sampler: once for all steps
+    assert torch.equal(ours, plain)
+    assert all(m.context_memo is None for m in cross)  # off again after sampling

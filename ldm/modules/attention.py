@@ -2,7 +2,8 @@
 
 Module names follow CompVis `ldm/modules/attention.py`, so sd-v1 checkpoints load strictly.
 """
-from typing import Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,8 @@ from ldm.modules.diffusionmodules.util import checkpoint, zero_module
 class CrossAttention(nn.Module):
     """Multi-head attention softmax(Q K^T / sqrt(d)) V with Q from x and K, V from the context.
 
-    Self-attention when no context is given (Vaswani et al. 2017, eq. 1).
+    Self-attention when no context is given (Vaswani et al. 2017, eq. 1). Inside
+    ``reuse_context_kv`` the keys and values of a context are computed once per context tensor.
     """
 
     def __init__(
@@ -34,13 +36,40 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.context_memo: Optional[list] = None  # [context, its version, K, V]; None: off
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # [B, N|M, h*d]
+        q = self.to_q(x)  # [B, N, h*d]
+        k, v = (self.to_k(x), self.to_v(x)) if context is None else self.context_kv(context)  # [B, N|M, h*d]
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # [B, h, N, d]
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))  # [B, N, query_dim]
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) of ``context`` [B, M, D]; remembered while the same, unmodified tensor comes again
+        (only with the memo on and gradients off)."""
+        memo = self.context_memo
+        if memo is None or torch.is_grad_enabled():
+            return self.to_k(context), self.to_v(context)
+        if not memo or memo[0] is not context or memo[1] != context._version:
+            memo[:] = [context, context._version, self.to_k(context), self.to_v(context)]
+        return memo[2], memo[3]
+
+
+@contextmanager
+def reuse_context_kv(model: Any) -> Iterator[None]:
+    """Within: each ``CrossAttention`` of ``model`` (an ``nn.Module``; anything else: no effect)
+    projects a context to keys and values once and reuses them while the same tensor object comes
+    back unmodified, with gradients off. For sampling loops, where the context is the same at every
+    step and the weights do not change; the outputs are the same as without it."""
+    layers = [m for m in model.modules() if isinstance(m, CrossAttention)] if isinstance(model, nn.Module) else []
+    for layer in layers:
+        layer.context_memo = []
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.context_memo = None
 
 
 class GEGLU(nn.Module):

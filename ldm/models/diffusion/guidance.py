@@ -7,6 +7,7 @@ from typing import Any, Callable
 import torch
 
 from ldm.models.diffusion.sampling import EpsFn, ddim_timesteps
+from ldm.modules.attention import reuse_context_kv
 
 
 def guided_eps_fn(model: Any, cond: torch.Tensor | None, uncond: torch.Tensor | None,
@@ -17,10 +18,10 @@ def guided_eps_fn(model: Any, cond: torch.Tensor | None, uncond: torch.Tensor | 
     """
     if uncond is None or scale == 1.0:
         return lambda x, t: model.apply_model(x, t, cond)
+    c_in = torch.cat([uncond, cond])                              # (2B, L, D), the same every step
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in, t_in = torch.cat([x, x]), torch.cat([t, t])        # (2B, C, H, W), (2B,)
-        c_in = torch.cat([uncond, cond])                          # (2B, L, D)
         e_u, e_c = model.apply_model(x_in, t_in, c_in).chunk(2)
         return e_u + scale * (e_c - e_u)
 
@@ -58,8 +59,9 @@ class CompVisSampler:
             if img_callback is not None:
                 img_callback(pred_x0, i)
 
-        return self.run(eps_fn, x_T, timesteps, eta=eta, generator=generator, callback=step_callback,
-                        log_every_t=log_every_t, progress=verbose)
+        with torch.no_grad(), reuse_context_kv(self.model):  # the context's K, V once for all steps
+            return self.run(eps_fn, x_T, timesteps, eta=eta, generator=generator, callback=step_callback,
+                            log_every_t=log_every_t, progress=verbose)
 
     def run(self, eps_fn: EpsFn, x_T: torch.Tensor, timesteps, **kwargs: Any) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
