@@ -22,13 +22,19 @@ POSITION_OFFSET = 2
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated to ``capacity`` positions: [N, h, capacity, d]."""
+    """Keys and values of every layer, preallocated to ``capacity`` positions: [N, h, capacity, d].
+
+    ``select`` reorders the rows (beams) in one copy per tensor: each tensor's filled positions go
+    into a spare buffer of its shape, which it then replaces; the buffer it leaves is the spare of
+    the next one, so the reorder needs one tensor's worth of memory beyond the cache.
+    """
 
     def __init__(self, depth: int, capacity: int):
         self.capacity = capacity
         self.length = 0
         self.keys: list[torch.Tensor | None] = [None] * depth
         self.values: list[torch.Tensor | None] = [None] * depth
+        self._spare: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new [N, h, T, d] keys/values of ``layer``; return all of them so far."""
@@ -40,20 +46,22 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def apply(self, fn) -> None:
-        """Apply ``fn`` along the batch dimension (beam reorder / repeat) to the filled positions only.
-        Layer by layer, each old buffer dropped as soon as its replacement exists: expanding the batch
-        to the beams (16 -> 80 rows at full size) never holds the old cache beside the new one."""
-        for buffers in (self.keys, self.values):
-            for layer, buf in enumerate(buffers):
-                buffers[layer] = self._mapped(buf, fn)
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` [N'] (beam reorder, or a repeat to expand the batch) of the filled
+        positions. Layer by layer, each old buffer dropped as soon as its replacement exists (or kept
+        as the spare): expanding the batch to the beams (16 -> 80 rows at full size) never holds the
+        old cache beside the new one."""
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                if buf is not None:
+                    store[i] = self._selected(buf, index)
 
-    def _mapped(self, buf: torch.Tensor | None, fn) -> torch.Tensor | None:
-        if buf is None:
-            return None
-        filled = fn(buf[:, :, :self.length])  # (N', h, length, d)
-        out = buf if filled.shape[0] == buf.shape[0] else buf.new_empty((filled.shape[0], *buf.shape[1:]))
-        out[:, :, :self.length] = filled
+    def _selected(self, buf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        shape = (index.shape[0], *buf.shape[1:])
+        spare = self._spare
+        out = spare if spare is not None and spare.shape == shape and spare.dtype == buf.dtype else buf.new_empty(shape)
+        torch.index_select(buf[:, :, :self.length], 0, index, out=out[:, :, :self.length])  # (N', h, length, d)
+        self._spare = buf if buf.shape == shape else None
         return out
 
 
@@ -207,7 +215,7 @@ class DecodingSession:
         if self.cache is None:
             self.embeds = self.embeds.index_select(0, index)
         else:
-            self.cache.apply(lambda t: t.index_select(0, index))
+            self.cache.select(index)
 
     def _last_logits(self, embeds: torch.Tensor) -> torch.Tensor:
         hidden = self.lm.decoder(embeds, self.key_mask, self.cache)[:, -1]  # (N, D)
