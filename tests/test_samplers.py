@@ -102,12 +102,11 @@ def test_cfg_is_one_batched_forward_and_the_guidance_formula():
 
 def test_sampler_projects_the_context_once_and_samples_the_same():
     from ldm.models.diffusion.ddim import DDIMSampler
-    from ldm.modules.attention import CrossAttention
+    from ldm.modules.attention import BasicTransformerBlock
     from tests.sd_fixtures import tiny_model
 
     model = tiny_model()
-    unet = model.model.diffusion_model
-    cross = [m for m in unet.modules() if isinstance(m, CrossAttention) and m.to_k.in_features != m.to_q.in_features]
+    cross = [m.attn2 for m in model.modules() if isinstance(m, BasicTransformerBlock)]
     calls = []
     for m in cross:
         m.to_k.register_forward_hook(lambda *_: calls.append(1))
