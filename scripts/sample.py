@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip_grid", action="store_true")
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the text encoder reads")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (built at the first step)")
     return p.parse_args(argv)
 
 
@@ -129,6 +130,8 @@ def run(opt: argparse.Namespace) -> list[Path]:
     model = load_model(config, None if opt.random_init else opt.ckpt, device, base=opt.base_weights)
     if opt.lora:
         merge_kohya(model, opt.lora, opt.lora_scale)
+    if opt.compile:
+        model.compile_denoiser()
     sampler = "plms" if opt.plms else "ddim"
     outdir, sample_dir = Path(opt.outdir), Path(opt.outdir) / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)

@@ -245,3 +245,10 @@ def test_scale_by_std_is_measured_once_and_kept_from_a_checkpoint(tmp_path):
     loaded = tiny_model(seed=4, **{"model.params.scale_by_std": True, "model.params.ckpt_path": str(path)}).train()
     loaded.on_train_batch_start({"image": images * 0.1}, 0)
     assert loaded.scale_factor.item() == model.scale_factor.item()
+
+
+def test_compile_option_compiles_the_unet_in_place_with_the_same_keys():
+    eager, compiled = tiny_model(), tiny_model(**{"model.params.compile": True})
+    assert compiled.model.diffusion_model._compiled_call_impl is not None  # built lazily, at the first call
+    assert eager.model.diffusion_model._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(eager.state_dict())

@@ -78,6 +78,8 @@ class Blip2OPTFinetune(pl.LightningModule):
     every system (LAVIS's warm-up + per-epoch cosine is ``LinearWarmupCosine`` with ``f_start`` =
     warmup_lr / lr and ``f_min`` = min_lr / lr; without ``max_steps`` / ``max_epochs`` it takes the
     trainer's ``max_epochs``); None keeps the peak lr. It is applied before every optimizer step.
+    ``compile``: ``torch.compile`` the ViT, the Q-Former and the language model's training forward
+    (the decoding loop calls OPT's layers directly and stays eager).
     """
 
     def __init__(self, pretrained: str | None = None, config: Mapping | None = None, tokenizer: str | None = None,
@@ -87,7 +89,7 @@ class Blip2OPTFinetune(pl.LightningModule):
                  scheduler_config: Mapping[str, Any] | None = None, weight_decay: float = 0.05,
                  beta2: float = 0.999, vit_layer_decay: float = 1.0, generation: Mapping | None = None,
                  vqa_generation: Mapping | None = None, vqa_template: str = VQA_TEMPLATE,
-                 optimizer: str = "adamw"):
+                 optimizer: str = "adamw", compile: bool = False):
         super().__init__()
         self.optimizer_name = check_optimizer(optimizer)
         if frozen_dtype not in DTYPES:
@@ -102,6 +104,9 @@ class Blip2OPTFinetune(pl.LightningModule):
         self.set_trainable(DTYPES[frozen_dtype], freeze_qformer)
         self.model.vision_model.gradient_checkpointing = gradient_checkpointing
         self.model.language_model.decoder.gradient_checkpointing = gradient_checkpointing
+        if compile:  # in place (nn.Module.compile): the parameters and checkpoint keys stay as they are
+            for part in (self.model.vision_model, self.model.qformer, self.model.language_model):
+                part.compile()
         self.prompt, self.max_txt_len = prompt, max_txt_len
         self.prompt_len = prompt_length(self.model.tokenizer, prompt)
         self.learning_rate, self.scheduler_config = learning_rate, _plain(scheduler_config or {}) or None

@@ -51,6 +51,7 @@ class DDPM(pl.LightningModule):
     ``optimizer`` names one of ``core.optim.OPTIMIZERS`` (AdamW with its default decay on every tensor).
     Loss options (both off by default): ``snr_gamma`` weights each sample's eps loss by Min-SNR-gamma,
     ``noise_offset`` adds a per-channel offset to eps (``schedule.min_snr_weight``, ``offset_noise``).
+    ``compile`` runs the denoiser through ``torch.compile`` (``compile_denoiser``), in training and sampling.
     """
 
     def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
@@ -60,7 +61,7 @@ class DDPM(pl.LightningModule):
                  given_betas: Sequence[float] | None = None, v_posterior: float = 0.0,
                  l_simple_weight: float = 1.0, scheduler_config: Mapping | None = None,
                  ema_decay: float = 0.9999, snr_gamma: float | None = None, noise_offset: float = 0.0,
-                 optimizer: str = "adamw"):
+                 optimizer: str = "adamw", compile: bool = False):
         super().__init__()
         if (snr_gamma is not None and snr_gamma <= 0) or noise_offset < 0:
             raise ValueError(f"DDPM: snr_gamma={snr_gamma}, noise_offset={noise_offset}: expected > 0 (or null) "
@@ -72,6 +73,8 @@ class DDPM(pl.LightningModule):
         self.l_simple_weight = l_simple_weight
         self.scheduler_config = scheduler_config
         self.model = DiffusionWrapper(unet_config)
+        if compile:
+            self.compile_denoiser()
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model, decay=ema_decay)
@@ -90,6 +93,11 @@ class DDPM(pl.LightningModule):
         self.base_override: str | None = None  # set_base_weights: where a resumed run's base file is now
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    def compile_denoiser(self) -> None:
+        """``torch.compile`` the UNet in place (``nn.Module.compile``: its parameters and checkpoint keys
+        stay as they are); the graph is built at the first call, and again for new input shapes."""
+        self.model.diffusion_model.compile()
 
     @classmethod
     def from_config_params(cls, **params: Any) -> "DDPM":
