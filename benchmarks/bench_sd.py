@@ -11,6 +11,7 @@ runs' loss, gradients and final latents (reported in the table; a mismatch ends 
 
     python -m benchmarks.bench_sd                          # mid-size model: ~2 min on an idle 2-core CPU
     python -m benchmarks.bench_sd --full --device cuda --dtype bf16   # sd-v1 at 512x512
+    python -m benchmarks.bench_sd --compile --only ddim   # both sides through torch.compile
 """
 from __future__ import annotations
 
@@ -77,6 +78,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--only", default="train,ddim,plms", help="comma-separated subset of train, ddim, plms")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both UNets in place (ours: model.params.compile); built in the warm-up")
     args = p.parse_args(argv)
     args.only = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = sorted(set(args.only) - set(BENCHES))
@@ -271,7 +274,7 @@ def describe(s: Setup, args: argparse.Namespace) -> str:
     unet = s.ours.model.diffusion_model
     n_params = sum(p.numel() for p in unet.parameters()) / 1e6
     size = "sd-v1" if args.full else f"mid ({MID_UNET['model_channels']} ch x {MID_UNET['channel_mult']})"
-    return f"{size} UNet, {n_params:.0f}M params, {args.dtype}"
+    return f"{size} UNet, {n_params:.0f}M params, {args.dtype}{', torch.compile' if args.compile else ''}"
 
 
 def cast(s: Setup, dtype: torch.dtype) -> Setup:
@@ -305,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     s, names = make_setup(args, device)
     fp32_err = check_forward(s)
     s = cast(s, dtype)
+    if args.compile:
+        s.ours.compile_denoiser()
+        s.ref.compile()
     print(f"# {describe(s, args)}; {machine_line(device)}; fp32 forward parity {fp32_err:.1e}", flush=True)
     runs = {"train": lambda: bench_train(s, names, device, args.repeats),
             "ddim": lambda: bench_sampling(s, device, args.repeats),
