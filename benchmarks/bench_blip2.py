@@ -21,6 +21,7 @@ dropout) from the same weights: the losses and the updates of the trained weight
     python -m benchmarks.bench_blip2                       # mid-size model, CPU, ~1-2 min on 2 cores
     python -m benchmarks.bench_blip2 --full --device cuda --dtype bf16   # opt-2.7b, batch 16
     python -m benchmarks.bench_blip2 --what train      # the stage-2 training step only
+    python -m benchmarks.bench_blip2 --what train --compile   # both sides through torch.compile
 """
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--what", choices=["caption", "train", "both"], default="both")
     p.add_argument("--train_batch", type=int, default=4, help="images per training step")
+    p.add_argument("--compile", action="store_true", help="training step: torch.compile the ViT, Q-Former "
+                   "and language model on both sides (ours: model.params.compile); built in the warm-up")
     return p.parse_args(argv)
 
 
@@ -176,8 +179,12 @@ def make_train_setup(args: argparse.Namespace, folder: Path) -> TrainSetup:
     for f in TOKENIZER.iterdir():
         shutil.copy(f, folder / f.name)
     with torch.device(device):
-        ours = Blip2OPTFinetune(pretrained=str(folder), learning_rate=LR, weight_decay=WEIGHT_DECAY)
+        ours = Blip2OPTFinetune(pretrained=str(folder), learning_rate=LR, weight_decay=WEIGHT_DECAY,
+                                compile=args.compile)
     ref = Blip2ForConditionalGeneration.from_pretrained(str(folder), dtype=dtype).to(device)
+    if args.compile:
+        for part in (ref.vision_model, ref.qformer, ref.language_model):
+            part.compile()
     ref_opt = torch.optim.AdamW(reference_groups(ref), lr=LR, betas=(0.9, 0.999), eps=1e-8)
     n, size = args.train_batch, config.vision_config.image_size
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)
@@ -239,7 +246,7 @@ def bench_train(args: argparse.Namespace, device: torch.device) -> None:
                           device, warmup=1, repeats=args.repeats)
     n_trained = sum(p.numel() for p in t.ours.parameters() if p.requires_grad) / 1e6
     print(f"# stage-2 training step, batch {args.train_batch}, {n_trained:.1f}M trained parameters, "
-          f"{args.dtype}; {machine_line(device)}", flush=True)
+          f"{args.dtype}{', torch.compile' if args.compile else ''}; {machine_line(device)}", flush=True)
     ref_s = timings["transformers"].median
     agree = ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
     rows = [[name, f"{tm.median:.3f}", f"{tm.median / ref_s:.2f}", agree if name == "ours" else ""]

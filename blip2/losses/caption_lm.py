@@ -53,14 +53,13 @@ def caption_tokens(tokenizer: Any, texts: Sequence[str], prompt_len: int = 0, ma
 
 
 def opt_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (float32) of logits [B, Q+T, V] over [queries; text] against the
-    text labels [B, T]; the Q query positions carry no labels."""
-    labels = F.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=IGNORE_INDEX)  # (B, Q+T)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    """Mean next-token cross-entropy (float32) of ``logits`` [B, T, V], row t predicting the text
+    token t (``Blip2OPT.text_logits``), against the labels [B, T]."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def caption_loss(model: Any, pixel_values: torch.Tensor, tokens: CaptionTokens) -> torch.Tensor:
     """L of ``Blip2OPT`` ``model`` on images [B, 3, H, W] and their caption tokens."""
     device = pixel_values.device
-    logits = model(pixel_values, tokens.input_ids.to(device), tokens.attention_mask.to(device))  # (B, Q+T, V)
-    return opt_lm_loss(logits, tokens.labels.to(device))
+    logits = model.text_logits(pixel_values, tokens.input_ids.to(device), tokens.attention_mask.to(device))
+    return opt_lm_loss(logits, tokens.labels.to(device))  # logits (B, T, V)

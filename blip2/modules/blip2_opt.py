@@ -132,6 +132,16 @@ class Blip2OPT(nn.Module):
         embeds, key_mask, _ = self.prefix(self.encode_image(pixel_values), input_ids, mask)
         return self.language_model(embeds, key_mask)
 
+    def text_logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] predicting each text token [B, T] from the position before it (the last
+        query for the first): all the language-modelling loss needs, so the output head runs on T of
+        the Q+T positions."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        embeds, key_mask, _ = self.prefix(self.encode_image(pixel_values), input_ids, mask)
+        hidden = self.language_model.decoder(embeds, key_mask)  # (B, Q+T, D)
+        return self.language_model.lm_head(hidden[:, -input_ids.shape[1] - 1:-1])  # (B, T, V)
+
     def generation_settings(self, generation_config: Any = None, **options: Any) -> GenerationSettings:
         """Options merged over this model's defaults (eos "\\n", OPT's pad, then ``generation_defaults``)."""
         defaults = {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id, **self.generation_defaults}
