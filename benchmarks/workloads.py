@@ -229,7 +229,7 @@ def finetune_pair(ours: Blip2OPT, ref: Blip2ForConditionalGeneration, pixels: to
     ref_labels = torch.cat([torch.full_like(image_ids, IGNORE_INDEX), labels], 1)
 
     def loss_ours() -> torch.Tensor:
-        return opt_lm_loss(ours(pixels, ids), labels)
+        return opt_lm_loss(ours.text_logits(pixels, ids), labels)
 
     def loss_ref() -> torch.Tensor:
         return ref(pixel_values=pixels, input_ids=ref_ids, labels=ref_labels).loss
