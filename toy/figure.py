@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from core.images import save_png
 
-LABEL_WIDTH = 260  # pixels of the row-label column
+LABEL_WIDTH = 230  # pixels of the row-label column
 TITLE_HEIGHT = 18
 GAP = 10  # between the two blocks of a row
 PAD = 2
