@@ -29,7 +29,7 @@ setup(
         "safetensors>=0.4",
         "transformers>=5.0,<6",
         "tokenizers>=0.20",
-        "pillow>=10",
+        "pillow>=10.1",  # ImageFont.load_default(size=...)
         "einops>=0.7",
         "tqdm",
         "tensorboard",

@@ -148,3 +148,15 @@ def test_captions_are_full_and_independent_of_batching(captioner):
     captions = caption_images(captioner, images)
     assert caption_images(captioner, images, batch_size=3) == captions
     assert all(None not in parse_caption(c).values() for c in captions)  # every caption names all three
+
+
+def test_div_is_the_mean_pairwise_embedding_distance(captioner):
+    from toy.evaluate import mean_pairwise_distance
+
+    images = [render(scene_of("test", 0, i)) for i in range(6)]
+    emb = embed_images(captioner, images)
+    pairs = [1 - (emb[i] @ emb[j]).item() for i, j in itertools.permutations(range(6), 2)]
+    assert mean_pairwise_distance(captioner, images) == pytest.approx(np.mean(pairs), abs=1e-6)
+    assert mean_pairwise_distance(captioner, [images[0]] * 4) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_pairwise_distance(captioner, images[:1])

@@ -3,13 +3,17 @@
 1. captioner: the toy BLIP-2's attribute-level exact match on held-out test images;
 2. base model: prompt following, "a <colour> <shape> on a <background> background" for all 30
    attribute combinations, judged by that captioner;
-3. DreamBooth subject fidelity: "a sks circle" samples of the base model and of DreamBooth (with and
-   without prior preservation): how often the captioner reads the subject's colour and background,
-   and the image similarity to the subject photos (cosine of the captioner's image embeddings, the
-   toy CLIP-I);
-4. prior preservation ablation (DreamBooth paper, Sec. 4.3): "a circle" samples, class-correct
-   (the captioner reads a circle), colour diversity (distinct colours, normalised colour entropy) and
-   drift towards the subject (share of samples in the subject's colour, similarity to the subject);
+3. DreamBooth, "a sks circle" samples of the base model and of DreamBooth with and without prior
+   preservation, in the DreamBooth paper's terms (Sec. 4.1): subject fidelity, the mean cosine
+   similarity to the subject photos in the captioner's image embedding (``toy.judge.embed_images``:
+   the mean of the Q-Former's visual prompt, the toy analog of DINO / CLIP-I); prompt fidelity, the
+   share read as the class noun (the toy CLIP-T); and how often the captioner reads the subject's
+   colour and background;
+4. the prior preservation ablation (Sec. 4.3, Table 3), "a circle" samples: PRES, their mean
+   similarity to the subject photos in the same embedding (prior drift, lower is better), and DIV,
+   their mean pairwise distance 1 - cosine (diversity, higher is better), with the class read
+   back, the share in the subject's colour and the colour entropy; the figure ``FIGURE`` shows the
+   samples of results 3 and 4 of every model beside the subject photos;
 5. two subjects in one run (``dreambooth.concepts``, configs/toy/dreambooth-two.yaml): for each
    identifier ("a sks circle", "a ohwx square"), of the base model and of the two-subject run, how
    often the captioner reads its own subject and how often the other one, and the similarity to
@@ -19,7 +23,7 @@ The DreamBooth runs go through main.py with configs/toy/dreambooth.yaml, on the 
 photos and seed; the runs with prior preservation sample their class images first (the two-subject
 run reuses the "a circle" ones). ``--parts`` picks results 1-4 (one_subject), 5 (two_subjects) or both.
 
-    python scripts/evaluate_toy.py --out outputs/toy_eval     # tables in outputs/toy_eval/results.md
+    python scripts/evaluate_toy.py --out outputs/toy_eval     # tables in outputs/toy_eval/results.md, figure samples.png
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from core.config import load_config
 from ldm.txt2img import sampling_mode, txt2img
 from ldm.loading import load_model
 from toy import ROOT
+from toy.figure import ablation_figure, save_figure
 from toy.judge import (
     attribute_scores,
     caption_accuracy,
@@ -65,6 +70,7 @@ SD_CONFIG = ROOT / "configs/toy/sd.yaml"
 DREAMBOOTH_CONFIG = ROOT / "configs/toy/dreambooth.yaml"
 TWO_SUBJECTS_CONFIG = ROOT / "configs/toy/dreambooth-two.yaml"
 PARTS = ("one_subject", "two_subjects")
+FIGURE = "samples.png"  # written by results 3-4: rows base / with / without prior preservation
 
 
 # ---- sampling and judging ---------------------------------------------------------------------------
@@ -117,26 +123,39 @@ def prompt_following(model: Any, captioner: Any, per_prompt: int, seed: int, ste
     return {**attribute_scores(read, wanted), "n": len(wanted)}
 
 
+def mean_pairwise_distance(captioner: Any, images: Sequence[Image.Image]) -> float:
+    """DIV: the mean over pairs i != j of 1 - cos(e_i, e_j), e the captioner's unit image embeddings."""
+    e = embed_images(captioner, images)
+    n = len(e)
+    if n < 2:
+        raise ValueError(f"mean_pairwise_distance: expected at least 2 images, got {n}")
+    return float((1.0 - e @ e.T).sum() / (n * (n - 1)))  # the diagonal adds 0
+
+
 def subject_and_class(model: Any, captioner: Any, photos: Sequence[Image.Image], num: int, seed: int,
-                      steps: int, scale: float, token: str = "sks") -> dict:
-    """Metrics 3 and 4 for one model: "a <token> circle" and "a circle" samples."""
+                      steps: int, scale: float, token: str = "sks") -> tuple[dict, dict[str, list[Image.Image]]]:
+    """Metrics 3 and 4 for one model, from "a <token> circle" and "a circle" samples (also returned,
+    by prompt). In the paper's terms (DreamBooth, Sec. 4.1 and 4.3), in the captioner's embedding
+    space: subject fidelity (DINO / CLIP-I), prompt fidelity (CLIP-T: the class noun read back),
+    PRES (similarity of class samples to the subject) and DIV (their mean pairwise distance)."""
     word = SUBJECT["class_word"]
-    subject_images = sample(model, [f"a {token} {word}"] * num, seed, steps, scale)
-    class_images = sample(model, [f"a {word}"] * num, seed, steps, scale)
+    prompts = (f"a {token} {word}", f"a {word}")
+    subject_images, class_images = (sample(model, [p] * num, seed, steps, scale) for p in prompts)
     subject_read, class_read = judged(captioner, subject_images), judged(captioner, class_images)
-    is_subject = [reads_as_subject(r) for r in subject_read]
     colours = [r["colour"] for r in class_read]
-    return {
-        "subject_match": sum(is_subject) / num,
-        "subject_similarity": mean_similarity(captioner, subject_images, photos),
+    metrics = {
+        "subject_fidelity": mean_similarity(captioner, subject_images, photos),
+        "prompt_fidelity": sum(r["shape"] == word for r in subject_read) / num,
+        "subject_match": sum(map(reads_as_subject, subject_read)) / num,
+        "pres": mean_similarity(captioner, class_images, photos),
+        "div": mean_pairwise_distance(captioner, class_images),
         "class_correct": sum(r["shape"] == word for r in class_read) / num,
         "class_colours": len({c for c in colours if c is not None}),
         "class_colour_entropy": colour_entropy(colours),
         "class_subject_colour": sum(c == SUBJECT["colour"] for c in colours) / num,
-        "class_similarity": mean_similarity(captioner, class_images, photos),
         "n": num,
     }
-
+    return metrics, dict(zip(prompts, (subject_images, class_images)))
 
 
 def two_subjects(model: Any, captioner: Any, concepts: Sequence[dict], photos: Sequence[Sequence[Image.Image]],
@@ -225,17 +244,17 @@ def table_one(results: dict) -> str:
             f"{base['exact']:.3f} |",
             f"| 2. base model: colour / shape / background as asked | {base['colour']:.3f} / {base['shape']:.3f} / "
             f"{base['background']:.3f} |", ""]
-    models = results["models"]
-    rows += ["| model | 3. \"a sks circle\": read in the subject's colour and background | 3. similarity to subject | "
-             "4. \"a circle\": class-correct | 4. colours (of 5) | 4. colour entropy | "
-             "4. in the subject's colour | 4. similarity to subject |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, m in models.items():
-        rows.append(f"| {name} | {m['subject_match']:.3f} | {m['subject_similarity']:.3f} | {m['class_correct']:.3f} "
-                    f"| {m['class_colours']} | {m['class_colour_entropy']:.3f} | {m['class_subject_colour']:.3f} "
-                    f"| {m['class_similarity']:.3f} |")
-    rows.append(f"| the subject photos themselves | {results['photo_subject_match']:.3f} | "
-                f"{results['photo_self_similarity']:.3f} | | | | | |")
+    rows += ["| model | 3. subject fidelity (DINO / CLIP-I analog) | 3. prompt fidelity (CLIP-T analog) | "
+             "3. read in the subject's colour and background | 4. PRES (lower is better) | 4. DIV (higher is better) | "
+             "4. \"a circle\": class-correct | 4. in the subject's colour | 4. colour entropy |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in results["models"].items():
+        rows.append(f"| {name} | {m['subject_fidelity']:.3f} | {m['prompt_fidelity']:.3f} | {m['subject_match']:.3f} "
+                    f"| {m['pres']:.3f} | {m['div']:.3f} | {m['class_correct']:.3f} | {m['class_subject_colour']:.3f} "
+                    f"| {m['class_colour_entropy']:.3f} |")
+    photos = results["photos"]
+    rows.append(f"| the subject photos themselves | {photos['self_similarity']:.3f} | {photos['prompt_fidelity']:.3f} "
+                f"| {photos['subject_match']:.3f} | | | | | |")
     return "\n".join(rows) + "\n"
 
 
@@ -266,21 +285,32 @@ def read_photos(folder: Path) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
 
 
+def photo_readings(captioner: Any, photos: Sequence[Image.Image]) -> dict:
+    """The subject photos as the samples are judged: their self-similarity (the ceiling of subject
+    fidelity), how often they read as the class noun and as the subject."""
+    read = judged(captioner, photos)
+    return {"self_similarity": mean_similarity(captioner, photos, photos),
+            "prompt_fidelity": sum(r["shape"] == SUBJECT["class_word"] for r in read) / len(read),
+            "subject_match": sum(map(reads_as_subject, read)) / len(read)}
+
+
 def evaluate_one_subject(opt: argparse.Namespace, captioner: Any, photos_dir: Path, out: Path) -> dict:
-    """Results 1-4."""
+    """Results 1-4, and the figure of the three models' samples (``FIGURE`` in ``out``)."""
     photos = read_photos(photos_dir)
     results: dict[str, Any] = {"captioner": caption_accuracy(captioner, "test", opt.num_test, opt.seed)}
     base = load_sd(opt.base)
     results["prompt_following"] = prompt_following(base, captioner, opt.per_prompt, opt.seed, opt.steps, opt.scale)
-    runs = {"base model": opt.base,
-            "DreamBooth with prior preservation": dreambooth(Path(opt.base), photos_dir, out, True, opt.train_steps,
-                                                             opt.set),
+    with_prior = opt.prior_run or dreambooth(Path(opt.base), photos_dir, out, True, opt.train_steps, opt.set)
+    runs = {"base model": opt.base, "DreamBooth with prior preservation": with_prior,
             "DreamBooth without prior preservation": dreambooth(Path(opt.base), photos_dir, out, False,
                                                                 opt.train_steps, opt.set)}
-    results["models"] = {name: subject_and_class(load_sd(ckpt), captioner, photos, opt.num, opt.seed, opt.steps,
-                                                 opt.scale) for name, ckpt in runs.items()}
-    results["photo_self_similarity"] = mean_similarity(captioner, photos, photos)
-    results["photo_subject_match"] = sum(map(reads_as_subject, judged(captioner, photos))) / len(photos)
+    measured = {name: subject_and_class(load_sd(ckpt), captioner, photos, opt.num, opt.seed, opt.steps, opt.scale)
+                for name, ckpt in runs.items()}
+    results["models"] = {name: metrics for name, (metrics, _) in measured.items()}
+    results["photos"] = photo_readings(captioner, photos)
+    figure = ablation_figure({name: list(images.values()) for name, (_, images) in measured.items()}, photos,
+                             [f'"{p}"' for p in next(iter(measured.values()))[1]])
+    save_figure(figure, out / FIGURE)
     return results
 
 
@@ -325,10 +355,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subject2", default=str(ROOT / "data/toy_subject2"), help="the second subject's photos (PNG)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                    help="results 1-4 (one_subject) and 5 (two_subjects)")
-    p.add_argument("--out", default="outputs/toy_eval", help="folder for the runs, results.json and results.md")
+    p.add_argument("--out", default="outputs/toy_eval", help="folder for the runs, results.json, results.md and the figure samples.png")
     p.add_argument("--num_test", type=int, default=300, help="held-out test images for the captioner")
     p.add_argument("--per_prompt", type=int, default=4, help="base-model samples per attribute combination")
     p.add_argument("--num", type=int, default=64, help="samples per prompt for metrics 3 and 4")
+    p.add_argument("--prior_run", default=None,
+                   help="exported weights of a DreamBooth run with prior preservation to measure instead of "
+                        "training one (e.g. README command 1's logs/<time>_toy_subject/export/model.safetensors)")
     p.add_argument("--train_steps", type=int, default=None, help="DreamBooth steps of every run (default: the config's)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
