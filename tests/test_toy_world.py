@@ -158,7 +158,8 @@ def test_toy_dreambooth_fine_tunes_the_toy_base_model_as_it_was_built():
     dreambooth = OmegaConf.to_container(OmegaConf.load("configs/toy/dreambooth.yaml").model.params)
     base["first_stage_config"]["params"].pop("ckpt_path")
     only_base = {"cond_stage_trainable"}
-    only_dreambooth = {"prior_loss_weight", "train_text_encoder", "text_encoder_lr", "cache_latents", "ckpt_path"}
+    only_dreambooth = {"prior_loss_weight", "train_text_encoder", "text_encoder_lr", "cache_latents", "ckpt_path",
+                       "separate_forwards"}
     assert {k: v for k, v in base.items() if k not in only_base} == \
         {k: v for k, v in dreambooth.items() if k not in only_dreambooth}
 
