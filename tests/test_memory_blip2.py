@@ -36,7 +36,10 @@ def test_both_sides_train_the_same_parameters_on_the_same_loss(name):
     grads = dict(ours.network.named_parameters())
     for key, p in ref.network.named_parameters():
         if p.requires_grad and key in grads:
-            torch.testing.assert_close(grads[key].grad, p.grad, rtol=1e-4, atol=1e-6)
+            # summation order differs (ours runs the head on the text positions only), and these tiny
+            # models have gradients of 1e7 where single entries round 5e-4 apart, beside others of 1e-14
+            scale = p.grad.abs().max().item()
+            torch.testing.assert_close(grads[key].grad, p.grad, rtol=1e-3, atol=1e-6 + 1e-5 * scale)
 
 
 def test_both_sides_decode_the_same_fixed_length_captions():
