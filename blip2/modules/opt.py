@@ -26,7 +26,8 @@ class KVCache:
 
     ``select`` reorders the rows (beams) in one copy per tensor: each tensor's filled positions go
     into a spare buffer of its shape, which it then replaces; the buffer it leaves is the spare of
-    the next one, so the reorder needs one tensor's worth of memory beyond the cache.
+    the next one, so the reorder needs one tensor's worth of memory beyond the cache, and only
+    while it runs.
     """
 
     def __init__(self, depth: int, capacity: int):
@@ -55,6 +56,7 @@ class KVCache:
             for i, buf in enumerate(store):
                 if buf is not None:
                     store[i] = self._selected(buf, index)
+        self._spare = None  # not kept between reorders: decoding holds the cache alone
 
     def _selected(self, buf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         shape = (index.shape[0], *buf.shape[1:])
