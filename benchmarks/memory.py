@@ -294,3 +294,48 @@ def measure_cuda(build: Callable[[], Job], precision: str, device: torch.device)
     parts["step"] = total - sum(parts.values())
     del job, optimizer, modules
     return Peak(total=total, parts=parts, method="torch.cuda.max_memory_allocated")
+
+
+# ---- the command line and report of the memory tables (memory_sd, memory_blip2) ---------------------
+def table_parser(description: str, rows_help: str, quick_rows: Sequence[str], tiny_help: str):
+    """--rows / --quick / --tiny / --device / --out, as every memory table takes them."""
+    from core.cli import ArgumentParser
+
+    p = ArgumentParser(description=description)
+    p.add_argument("--rows", nargs="+", default=None, help=rows_help)
+    p.add_argument("--quick", action="store_true", help=f"only {', '.join(quick_rows)}")
+    p.add_argument("--tiny", action="store_true", help=tiny_help)
+    p.add_argument("--device", default="cpu", help="cuda: also measure with torch.cuda.max_memory_allocated")
+    p.add_argument("--out", default=None, help="also write the results: .json, else markdown")
+    return p
+
+
+def row_names(args: Any, quick_rows: Sequence[str], default_rows: Sequence[str],
+              every_row: Callable[[], list[str]]) -> list[str]:
+    """The names --quick, --rows (``all``: ``every_row()``) or the default select."""
+    names = list(quick_rows) if args.quick else args.rows or list(default_rows)
+    return every_row() if names == ["all"] else names
+
+
+def check_device(device: torch.device) -> None:
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here (the simulation runs without one: leave --device out)")
+
+
+def report_rows(rows: Sequence[Any], measure: Callable[[Any], dict], reference: str,
+                table: Callable[[list[dict]], str], out: str | None) -> list[dict]:
+    """Measure each row (a line per row as it ends), print the table, write ``out`` (.json, else markdown)."""
+    import json
+    from pathlib import Path
+
+    results = []
+    for row in rows:
+        results.append(r := measure(row))
+        print(f"# {row.name}: ours {r['ours']['peak'] / 2**30:.2f} GiB, {reference} "
+              f"{r[reference]['peak'] / 2**30:.2f} GiB, ratio {r['ratio']:.2f} ({r['ours']['seconds']:.0f} s + "
+              f"{r[reference]['seconds']:.0f} s)", flush=True)
+    text = table(results)
+    print(text)
+    if out:
+        Path(out).write_text(json.dumps(results, indent=1) if Path(out).suffix == ".json" else text + "\n")
+    return results

@@ -45,7 +45,6 @@ import copy
 import dataclasses
 import functools
 import itertools
-import json
 import sys
 import tempfile
 import time
@@ -64,7 +63,7 @@ from benchmarks import memory
 from benchmarks.common import machine_line, markdown_table
 from benchmarks.memory_sd import breakdown, cast_, frozen_dtype, gib
 from blip2.config import IMAGE_TOKEN_ID, blip2_opt
-from core.cli import ArgumentParser, run_cli
+from core.cli import run_cli
 from core.config import DTYPES
 from core.optim import optimizer_class
 
@@ -496,28 +495,21 @@ def table(results: list[dict[str, Any]], cuda: bool) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="+", default=None,
-                   help="rows caption/<px>/<dtype> or stage2|finetune/precision/ckpt|nockpt/optimizer[/b<N>], "
-                        f"or 'all' ({len(all_rows())} rows); default: {', '.join(DEFAULT_ROWS)}")
-    p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_ROWS)}")
-    p.add_argument("--tiny", action="store_true", help="a tiny BLIP-2 of the same structure: seconds, for tests")
-    p.add_argument("--device", default="cpu", help="cuda: also measure with torch.cuda.max_memory_allocated")
-    p.add_argument("--out", default=None, help="also write the results: .json, else markdown")
-    return p.parse_args(argv)
+    return memory.table_parser(
+        __doc__.split("\n\n")[0], quick_rows=QUICK_ROWS,
+        rows_help="rows caption/<px>/<dtype> or stage2|finetune/precision/ckpt|nockpt/optimizer[/b<N>], "
+                  f"or 'all' ({len(all_rows())} rows); default: {', '.join(DEFAULT_ROWS)}",
+        tiny_help="a tiny BLIP-2 of the same structure: seconds, for tests").parse_args(argv)
 
 
 def selected_rows(args: argparse.Namespace) -> list[Row]:
-    names = list(QUICK_ROWS) if args.quick else args.rows or list(DEFAULT_ROWS)
-    names = all_rows() if names == ["all"] else names
-    return [Row.parse(n) for n in names]
+    return [Row.parse(n) for n in memory.row_names(args, QUICK_ROWS, DEFAULT_ROWS, all_rows)]
 
 
 def run(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     rows, device, size = selected_rows(args), torch.device(args.device), "tiny" if args.tiny else "full"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device here (the simulation runs without one: leave --device out)")
+    memory.check_device(device)
     warnings.filterwarnings("ignore", message=".*self.trainer.*")  # Lightning's log without a Trainer
     from transformers.utils import logging as transformers_logging
 
@@ -525,20 +517,10 @@ def run(argv: Sequence[str]) -> int:
     what = "BLIP-2 OPT-2.7b" if size == "full" else "tiny BLIP-2"
     print(f"# {what}: captioning (beam {BEAMS}, {NEW_TOKENS[size]} new tokens) and training steps; "
           f"{machine_line(device)}", flush=True)
-    results = []
     start = time.perf_counter()
-    for row in rows:
-        results.append(measure_row(size, row, device))
-        r = results[-1]
-        print(f"# {row.name}: ours {gib(r['ours']['peak'])} GiB, transformers {gib(r['transformers']['peak'])} GiB, "
-              f"ratio {r['ratio']:.2f} ({r['ours']['seconds']:.0f} s + {r['transformers']['seconds']:.0f} s)",
-              flush=True)
-    text = table(results, device.type == "cuda")
-    print(text)
+    memory.report_rows(rows, lambda row: measure_row(size, row, device), "transformers",
+                       lambda results: table(results, device.type == "cuda"), args.out)
     print(f"# {len(rows)} rows in {time.perf_counter() - start:.0f} s")
-    if args.out:
-        out = Path(args.out)
-        out.write_text(json.dumps(results, indent=1) if out.suffix == ".json" else text + "\n")
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import sys
 import time
 import warnings
@@ -41,7 +40,7 @@ from omegaconf import OmegaConf
 
 from benchmarks import memory
 from benchmarks.common import machine_line, markdown_table
-from core.cli import ArgumentParser, run_cli
+from core.cli import run_cli
 from core.config import DTYPES, instantiate_from_config
 from core.optim import ADAMW_DEFAULT_DECAY, optimizer_class
 
@@ -260,44 +259,27 @@ def table(results: list[dict[str, Any]], cuda: bool) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", nargs="+", default=None,
-                   help="rows mode/precision/ckpt|nockpt/optimizer, or 'all' (48 rows); default: 8 rows that "
-                        "take every factor at every value")
-    p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_ROWS)}")
-    p.add_argument("--tiny", action="store_true", help="the toy-sized models (configs/toy/dreambooth-tiny.yaml): "
-                                                       "seconds, for tests")
-    p.add_argument("--device", default="cpu", help="cuda: also measure with torch.cuda.max_memory_allocated")
-    p.add_argument("--out", default=None, help="also write the results: .json, else markdown")
-    return p.parse_args(argv)
+    return memory.table_parser(
+        __doc__.split("\n\n")[0], quick_rows=QUICK_ROWS,
+        rows_help="rows mode/precision/ckpt|nockpt/optimizer, or 'all' (48 rows); default: 8 rows that take every "
+                  "factor at every value",
+        tiny_help="the toy-sized models (configs/toy/dreambooth-tiny.yaml): seconds, for tests").parse_args(argv)
 
 
 def selected_rows(args: argparse.Namespace) -> list[Row]:
-    names = list(QUICK_ROWS) if args.quick else args.rows or list(DEFAULT_ROWS)
-    names = all_rows() if names == ["all"] else names
-    return [Row.parse(n) for n in names]
+    return [Row.parse(n) for n in memory.row_names(args, QUICK_ROWS, DEFAULT_ROWS, all_rows)]
 
 
 def run(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     rows, device, size = selected_rows(args), torch.device(args.device), "tiny" if args.tiny else "full"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device here (the simulation runs without one: leave --device out)")
+    memory.check_device(device)
     diffusers_logging.set_verbosity_error()  # its advice on casting with .to() is beside the point here
     warnings.filterwarnings("ignore", message=".*self.trainer.*")  # Lightning's log without a Trainer
     print(f"# sd-v1 DreamBooth step ({size}, {RESOLUTION[size]} px, 1 instance + 1 class); "
           f"{machine_line(device)}", flush=True)
-    results = []
-    for row in rows:
-        results.append(measure_row(size, row, device))
-        r = results[-1]
-        print(f"# {row.name}: ours {gib(r['ours']['peak'])} GiB, diffusers {gib(r['diffusers']['peak'])} GiB, "
-              f"ratio {r['ratio']:.2f} ({r['ours']['seconds']:.0f} s + {r['diffusers']['seconds']:.0f} s)", flush=True)
-    text = table(results, device.type == "cuda")
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.write_text(json.dumps(results, indent=1) if out.suffix == ".json" else text + "\n")
+    memory.report_rows(rows, lambda row: measure_row(size, row, device), "diffusers",
+                       lambda results: table(results, device.type == "cuda"), args.out)
     return 0
 
 
