@@ -1,7 +1,7 @@
-"""The toy world's BLIP-2 captioner (toy/captioner.py, toy/judge.py, configs/toy/blip2.yaml,
-models/toy/blip2): the
-shipped weights' caption accuracy on held-out shapes, their transformers twin, the caption
-tokenizer, the data set, the config through main.py, and the image embeddings."""
+"""The toy world's BLIP-2 captioner (toy/captioner.py, toy/judge.py, configs/toy/vit.yaml and
+configs/toy/blip2.yaml, models/toy/blip2): the shipped weights' caption accuracy on held-out shapes,
+their transformers twin, the caption tokenizer, the data sets, both stages through main.py (the
+captioner on the frozen ViT of stage 1), and the image embeddings."""
 import itertools
 
 import numpy as np
@@ -13,7 +13,8 @@ from blip2.data.captions import collate
 from blip2.losses.caption_lm import CAPTION_END
 from blip2.modules.blip2_opt import newline_token_id
 from blip2.processors import Blip2ImageProcessor
-from toy.captioner import ToyCaptions, train_tokenizer
+from core.weights import CheckpointError
+from toy.captioner import ATTRIBUTE_VALUES, ToyAttributes, ToyBlip2Finetune, ToyCaptions, train_tokenizer
 from toy.judge import (
     TOY_CAPTIONER,
     TOY_GENERATION,
@@ -27,16 +28,15 @@ from toy.judge import (
 from toy.shapes import ATTRIBUTES, render, scene_of
 from tests._util import rel_err
 from tests.blip2_fixtures import load_reference, one_torch_thread
-from tests.main_helpers import read_scalars, run_dirs, run_main
+from tests.main_helpers import read_all_scalars, read_scalars, run_dirs, run_main
 from tests.sd_fixtures import ROOT
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 CONFIG = ROOT / "configs" / "toy" / "blip2.yaml"
-# The shipped weights measured 0.715 (test split, seed 0, 200 images; configs/toy/blip2.yaml): colour
-# and background 1.0, the shape is the hard part (squares read as circles). Captions are deterministic;
-# the margin only absorbs a caption or two flipping under other float kernels.
-MIN_EXACT = MIN_SHAPE = 0.715 - 0.03
-MIN_COLOUR = MIN_BACKGROUND = 0.98
+VIT_CONFIG = ROOT / "configs" / "toy" / "vit.yaml"
+# Issue 14's bar for the judge, on 300 held-out test images (seed 0): each attribute >= 0.97, all three
+# at once >= 0.95. The shipped weights measured: see configs/toy/blip2.yaml. Captions are deterministic.
+MIN_EXACT, MIN_ATTRIBUTE = 0.95, 0.97
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,10 @@ def captioner():
 
 # ---- the shipped captioner -------------------------------------------------------------------------
 def test_shipped_captioner_accuracy_on_held_out_shapes(captioner):
-    scores = caption_accuracy(captioner, split="test", num=200, seed=0)
+    scores = caption_accuracy(captioner, split="test", num=300, seed=0)
     print(scores)
-    assert scores["num"] == 200 and scores["exact"] >= MIN_EXACT and scores["shape"] >= MIN_SHAPE
-    assert scores["colour"] >= MIN_COLOUR and scores["background"] >= MIN_BACKGROUND
+    assert scores["num"] == 300 and scores["exact"] >= MIN_EXACT
+    assert all(scores[a] >= MIN_ATTRIBUTE for a in ATTRIBUTES)
     assert scores["exact"] <= min(scores[a] for a in ATTRIBUTES)
 
 
@@ -107,22 +107,59 @@ def test_dataset_is_deterministic_and_eval_items_carry_references():
         ToyCaptions("holdout", 4)
 
 
-# ---- the config through main.py --------------------------------------------------------------------
-def test_config_trains_through_main(tmp_path):
-    res = run_main(["--base", str(CONFIG), "-t", "-l", str(tmp_path / "logs"), "-n", "toy",
-                    f"toy.tokenizer={ROOT / 'models/toy/blip2-tokenizer'}", "data.params.batch_size=4",
+def test_attribute_items_label_the_scene_they_show():
+    data = ToyAttributes("train", 6)
+    for i in range(6):
+        scene, item = scene_of("train", 0, i), data[i]
+        assert torch.equal(item["image"], ToyCaptions("train", 6)[i]["image"])
+        assert [ATTRIBUTE_VALUES[a][int(k)] for a, k in zip(ATTRIBUTES, item["labels"])] == \
+            [getattr(scene, a) for a in ATTRIBUTES]
+    assert {a: len(v) for a, v in ATTRIBUTE_VALUES.items()} == {"colour": 5, "shape": 3, "background": 2}
+
+
+# ---- the two stages through main.py ----------------------------------------------------------------
+def _train(tmp_path, config, name, *overrides):
+    res = run_main(["--base", str(config), "-t", "-l", str(tmp_path / "logs"), "-n", name,
                     "data.params.train.params.num=12", "data.params.validation.params.num=4",
-                    "lightning.trainer.max_epochs=1", "lightning.trainer.max_steps=3",
-                    "lightning.trainer.log_every_n_steps=1", "lightning.trainer.check_val_every_n_epoch=1"],
+                    "lightning.trainer.max_steps=3", "lightning.trainer.log_every_n_steps=1",
+                    "model.params.scheduler_config.params.warm_up_steps=1", *overrides],
                    cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    [run] = run_dirs(tmp_path / "logs")
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    [run] = [r for r in run_dirs(tmp_path / "logs") if r.name.endswith(name)]
+    return run, torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def test_config_trains_through_main(tmp_path):
+    vit_run, vit = _train(tmp_path, VIT_CONFIG, "vit", "data.params.batch_size=4")
+    assert vit["global_step"] == 3 and np.isfinite(list(read_scalars(vit_run, "train/loss").values())).all()
+    assert {f"val/acc_{a}" for a in ATTRIBUTES} <= set(read_all_scalars(vit_run))
+    run, ckpt = _train(tmp_path, CONFIG, "toy", f"toy.tokenizer={ROOT / 'models/toy/blip2-tokenizer'}",
+                       f"toy.vit={vit_run / 'checkpoints' / 'last.ckpt'}", "data.params.batch_size=4")
     assert ckpt["global_step"] == 3 and ckpt["blip2_config"]["vision_config"]["patch_size"] == 4
+    # the captioner's ViT is stage 1's, frozen; its ln_vision trains (as in BLIP-2)
+    state, start = ckpt["state_dict"], vit["state_dict"]
+    blocks = [k for k in start if k.startswith("vit.") and "post_layernorm" not in k]
+    assert blocks and all(torch.equal(state["model.vision_model." + k[4:]], start[k]) for k in blocks)
+    assert not torch.equal(state["model.vision_model.post_layernorm.weight"], start["vit.post_layernorm.weight"])
     losses = read_scalars(run, "train/loss")
     assert len(losses) == 3 and all(np.isfinite(list(losses.values())))
     assert max(losses.values()) < 10  # N(0, 0.02) initialisation: about log(vocab) = 5.8, not ~60
     assert len(read_scalars(run, "val/cider")) >= 1  # validation captions the eval items
+
+
+def test_a_new_captioner_needs_its_vit_and_a_wrong_file_is_named(tmp_path):
+    cfg = OmegaConf.load(CONFIG)
+    cfg.toy.tokenizer = str(ROOT / "models/toy/blip2-tokenizer")
+    params = OmegaConf.to_container(cfg.model.params, resolve=True)  # toy.vit: null
+    with pytest.raises(ValueError, match="vision_checkpoint.*configs/toy/vit.yaml"):
+        ToyBlip2Finetune(**params)
+    wrong = tmp_path / "wrong.ckpt"
+    torch.save({"state_dict": {"model.vision_model.post_layernorm.weight": torch.ones(96)}}, wrong)
+    with pytest.raises(CheckpointError, match="wrong.ckpt: no vit"):
+        ToyBlip2Finetune(**{**params, "vision_checkpoint": str(wrong)})
+    torch.save({"state_dict": {"vit.post_layernorm.weight": torch.ones(64)}}, wrong)
+    with pytest.raises(CheckpointError, match="wrong.ckpt.*post_layernorm.weight"):
+        ToyBlip2Finetune(**{**params, "vision_checkpoint": str(wrong)})
 
 
 # ---- the image embeddings ------------------------------------------------------------------------
