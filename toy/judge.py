@@ -1,5 +1,5 @@
 """Reading the toy world's images: the shipped toy BLIP-2 captioner (``toy.captioner``, trained by
-configs/toy/blip2.yaml, in models/toy/blip2) is the judge of generated images.
+configs/toy/vit.yaml then configs/toy/blip2.yaml, in models/toy/blip2) is the judge of generated images.
 
 ``caption_images`` names what an image shows ("a red circle on a white background"), ``parse_caption``
 turns that into attributes and ``attribute_scores`` compares them with the wanted ones; ``embed_images``
