@@ -176,6 +176,34 @@ def test_frozen_text_encoder_gets_no_grads_and_encodes_each_prompt_once(monkeypa
     assert len(model._prompt_cache) == PROMPT_CACHE and tuple(both) not in model._prompt_cache
 
 
+def test_trained_text_encoder_encodes_each_distinct_prompt_of_a_step_once(monkeypatch):
+    """Rows that share a prompt share its encoding: same context, same gradients, half the encoder's
+    work for DreamBooth's batches; an encoder with active dropout encodes every row."""
+    model, twin = dreambooth(), dreambooth()
+    text = model.cond_stage_model
+    encode, encoded = text.encode, []
+    monkeypatch.setattr(text, "encode", lambda prompts: encoded.append(list(prompts)) or encode(prompts))
+    prompts = [INSTANCE, INSTANCE, CLASS, CLASS]
+    c, full = model.conditioning(prompts), twin.get_learned_conditioning(prompts)
+    assert encoded == [[INSTANCE, CLASS]] and c.shape == full.shape and rel_err(c, full) < 1e-6
+    weights = torch.randn_like(c)
+    (c * weights).sum().backward()
+    (full * weights).sum().backward()
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (text, twin.cond_stage_model)]
+    assert rel_err(*grads) < 1e-5  # all of them as one vector (some are ~0, rounding only)
+    encoded.clear()
+    model.conditioning([INSTANCE, CLASS])  # nothing repeated: one encoding of the rows as they are
+    assert encoded == [[INSTANCE, CLASS]]
+    dropped = dreambooth(lora={"rank": 2, "dropout": 0.5, "text_encoder": True})
+    assert dropped.text_dropout()
+    encoded.clear()
+    encode = dropped.cond_stage_model.encode
+    monkeypatch.setattr(dropped.cond_stage_model, "encode",
+                        lambda prompts: encoded.append(list(prompts)) or encode(prompts))
+    dropped.conditioning(prompts)
+    assert encoded == [prompts]
+
+
 def test_text_encoder_has_its_own_learning_rate_and_the_vae_is_never_trained():
     model = dreambooth(text_encoder_lr=5e-6)
     model.learning_rate = 1e-6

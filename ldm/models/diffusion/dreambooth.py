@@ -23,6 +23,11 @@ Caches (derived data, never saved in checkpoints):
 - frozen text encoder: each distinct prompt is encoded alone (so the result does not depend on
   which prompts shared its batch), and the stacked batch is kept by its list of prompts (the last
   ``PROMPT_CACHE`` lists): the device holds one conditioning batch, no per-prompt copies beside it.
+- trained text encoder: nothing is cached, but each distinct prompt of a step is encoded once and
+  repeated for the rows that share it (DreamBooth's batches repeat one instance and one class
+  prompt); the repeated rows' gradients add up in the index's backward, as they would over
+  separate encodings. Only for an encoder without active dropout (CLIP's has none), where a
+  prompt's encoding is the same in every row.
 - ``cache_latents``: the VAE posterior moments of each distinct image, keyed by a hash of its pixels.
   A random flip or crop gives other pixels and so another entry; the cache is therefore correct for
   any augmentation, but only pays off when the items repeat (center crop: at most 2 entries per
@@ -110,9 +115,14 @@ class DreamBooth(LatentDiffusion):
     def conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> c [B, 77, D]; a frozen encoder encodes each distinct prompt alone, and the batch
         it stacks is kept for the next batch of the same prompts (the last ``PROMPT_CACHE`` lists), so
-        the device holds one conditioning batch, as a run that encodes every step does at its peak."""
+        the device holds one conditioning batch, as a run that encodes every step does at its peak;
+        a trained one encodes each distinct prompt of the step once (module docstring)."""
         if self.train_text_encoder:
-            return self.get_learned_conditioning(prompts)
+            distinct = list(dict.fromkeys(prompts))
+            if len(distinct) == len(prompts) or self.text_dropout():
+                return self.get_learned_conditioning(prompts)
+            row = {p: i for i, p in enumerate(distinct)}
+            return self.get_learned_conditioning(distinct)[[row[p] for p in prompts]]  # (B, 77, D)
         key = tuple(prompts)
         c = self._prompt_cache.pop(key, None)
         if c is None:
@@ -123,6 +133,11 @@ class DreamBooth(LatentDiffusion):
                 self._prompt_cache.pop(next(iter(self._prompt_cache)))  # least recently used
         self._prompt_cache[key] = c
         return c
+
+    def text_dropout(self) -> bool:
+        """Does the text encoder drop anything out now (then each row needs its own encoding)?"""
+        return self.cond_stage_model.training and any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.cond_stage_model.modules())
 
     @torch.no_grad()
     def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
