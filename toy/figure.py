@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from core.images import save_png
 
-LABEL_WIDTH = 230  # pixels of the row-label column
+LABEL_WIDTH = 250  # pixels of the row-label column ("DreamBooth without prior preservation" is 234 at x = 4)
 TITLE_HEIGHT = 18
 GAP = 10  # between the two blocks of a row
 PAD = 2
