@@ -17,7 +17,8 @@ one run, interleaved repeats. What each side's timed step is:
   the constant lr scheduler's step, ``zero_grad``. The script has no latent cache.
 
 Both sides encode the images with the VAE every step; the ``cache_latents`` row shows ours with its
-cache (filled in the warm-up), which the script lacks. With a frozen text encoder ours encodes each
+cache (filled in the warm-up), which the script lacks; the ``adamw_fused`` row ours with
+``model.params.optimizer=adamw_fused`` (torch's fused AdamW kernel, which the script does not use). With a frozen text encoder ours encodes each
 prompt once (its cache), the script every step. The check before timing: one step on each side
 from the same weights with the same draws (ours' z, t and eps handed to the script's step): losses
 and updated UNet weights must agree.
@@ -217,11 +218,11 @@ def unet_names(ours: DreamBooth, r: Reference) -> dict[str, str]:
 
 # ---- run ----------------------------------------------------------------------------------------
 def bench_case(cfg: dict, args: argparse.Namespace, train_text_encoder: bool) -> list[list[str]]:
-    """Rows for one text-encoder setting: ours (one forward; two; cached latents) vs the script."""
+    """Rows for one text-encoder setting: ours (one forward; two; cached latents; fused AdamW) vs the script."""
     device = torch.device("cpu")
     batch = make_batch(args.batch, args.resolution, args.seed + 1)
     variants = {"ours": {}, "ours, separate_forwards": {"separate_forwards": True},
-                "ours, cache_latents": {"cache_latents": True}}
+                "ours, cache_latents": {"cache_latents": True}, "ours, adamw_fused": {"optimizer": "adamw_fused"}}
     models = {name: build_ours(cfg, args.seed, train_text_encoder=train_text_encoder, **p)
               for name, p in variants.items()}
     optimizers = {name: m.configure_optimizers() for name, m in models.items()}

