@@ -1,6 +1,7 @@
 """The installed project runs its entry points from anywhere: no sys.path edits, no PYTHONPATH."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,18 +34,50 @@ def command_path(command: str) -> Path:
     return Path(sys.executable).parent / command
 
 
+# Runs each script file and module with --help in one interpreter, from wherever it is started, as
+# ``python FILE`` / ``python -m MODULE`` would (``__main__``); writes {name: [exit status, stdout, stderr]}
+# as JSON to argv[2]. One process instead of one each: each spends its seconds importing torch.
+HELP_DRIVER = """
+import contextlib, io, json, runpy, sys
+todo, out, results = json.loads(sys.argv[1]), sys.argv[2], {}
+for kind, name in todo:
+    sys.argv, stdout, stderr = [name, "--help"], io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            if kind == "module":
+                runpy.run_module(name, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(name, run_name="__main__")
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    except BaseException as err:
+        code, stderr = 1, io.StringIO(repr(err))
+    results[name] = [code, stdout.getvalue(), stderr.getvalue()]
+open(out, "w").write(json.dumps(results))
+"""
+
+
 @pytest.fixture(scope="module")
 def helps(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    """``--help`` of every script, module and command, from a folder outside the repository; two at a
-    time (each process spends its seconds importing torch and lightning, on one thread)."""
+    """``--help`` of every script, module and command, from a folder outside the repository: the
+    scripts and modules in one interpreter (``HELP_DRIVER``), each installed command in its own
+    process (its launcher is what is tested), two processes at a time."""
     cwd = tmp_path_factory.mktemp("elsewhere")
-    argvs = {**{s: [sys.executable, str(ROOT / s), "--help"] for s in SCRIPTS},
-             **{m: [sys.executable, "-m", m, "--help"] for m in MODULES},
+    todo = [("script", str(ROOT / s)) for s in SCRIPTS] + [("module", m) for m in MODULES]
+    report = cwd / "helps.json"
+    argvs = {"driver": [sys.executable, "-c", HELP_DRIVER, json.dumps(todo), str(report)],
              **{c: [str(command_path(c)), "--help"] for c in COMMANDS
                 if command_path(c).is_file() and c not in SAME_AS_SCRIPT}}
     with ThreadPoolExecutor(max_workers=2) as pool:
         done = {name: pool.submit(run, argv, cwd) for name, argv in argvs.items()}
-        return {name: future.result() for name, future in done.items()}
+        procs = {name: future.result() for name, future in done.items()}
+    driver = procs.pop("driver")
+    assert driver.returncode == 0 and report.is_file(), driver.stderr[-2000:]
+    for (kind, name), key in zip(todo, SCRIPTS + MODULES):
+        code, out, err = json.loads(report.read_text())[name]
+        procs[key] = subprocess.CompletedProcess([kind, name, "--help"], code, out, err)
+    return procs
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
