@@ -160,6 +160,8 @@ def test_a_new_captioner_needs_its_vit_and_a_wrong_file_is_named(tmp_path):
     torch.save({"state_dict": {"vit.post_layernorm.weight": torch.ones(64)}}, wrong)
     with pytest.raises(CheckpointError, match="wrong.ckpt.*post_layernorm.weight"):
         ToyBlip2Finetune(**{**params, "vision_checkpoint": str(wrong)})
+    with pytest.raises(ValueError, match="vision_checkpoint=.*with pretrained=.*give one of them"):
+        ToyBlip2Finetune(**{**params, "vision_checkpoint": str(wrong), "pretrained": str(TOY_CAPTIONER)})
 
 
 # ---- the image embeddings ------------------------------------------------------------------------

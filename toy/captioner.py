@@ -215,6 +215,9 @@ class ToyBlip2Finetune(Blip2OPTFinetune):
     (``freeze_vit``) of a new model needs one: a random frozen encoder would see nothing."""
 
     def __init__(self, init_std: float = 0.02, vision_checkpoint: str | os.PathLike | None = None, **kwargs: Any):
+        if kwargs.get("pretrained") is not None and vision_checkpoint is not None:
+            raise ValueError(f"model.params.vision_checkpoint={vision_checkpoint!r} with pretrained="
+                             f"{kwargs['pretrained']!r}: the pretrained folder has its own ViT; give one of them")
         if kwargs.get("pretrained") is None and vision_checkpoint is None and kwargs.get("freeze_vit", True):
             raise ValueError("model.params.vision_checkpoint (toy.vit): the frozen ViT needs a checkpoint of "
                              "configs/toy/vit.yaml (python main.py --base configs/toy/vit.yaml -t)")
