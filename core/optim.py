@@ -19,10 +19,12 @@ is one line before any work starts.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from core.config import instantiate_from_config
 
 ADAMW_DEFAULT_DECAY = 0.01  # torch.optim.AdamW's default weight decay (CompVis / DreamBooth use it)
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw8bit")
@@ -91,6 +93,16 @@ def check_fusable(groups: Sequence[dict[str, Any]]) -> bool:
         return True
     raise ValueError(f"model.params.optimizer=adamw_fused needs every trained parameter as a float tensor on one "
                      f"{' or '.join(FUSED_DEVICES)} device, found {kinds}: use model.params.optimizer=adamw")
+
+
+def with_step_schedule(optimizer: torch.optim.Optimizer, scheduler_config: Mapping[str, Any] | None) -> Any:
+    """``configure_optimizers``' return value: ``optimizer`` alone, or with a ``LambdaLR`` stepped
+    every optimizer step by the ``{target, params}`` multiplier of ``core.schedules`` (its attributes
+    go into the scheduler's state in checkpoints)."""
+    if scheduler_config is None:
+        return optimizer
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=instantiate_from_config(scheduler_config))
+    return [optimizer], [{"scheduler": sched, "interval": "step", "frequency": 1}]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

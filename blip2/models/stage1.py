@@ -27,9 +27,8 @@ from blip2.losses.stage1 import Stage1Output, stage1_losses, world
 from blip2.modules.blip2_qformer import Blip2Qformer
 from blip2.processors import CLIP_MEAN, CLIP_STD
 from blip2.stage1_weights import load_bert_weights, load_vision_weights
-from core.config import instantiate_from_config
 from core.lean import make_lean, restore_from_module
-from core.optim import build_optimizer, check_optimizer, param_groups
+from core.optim import build_optimizer, check_optimizer, param_groups, with_step_schedule
 
 MODEL_PREFIX = "model."
 # the parts trained besides the two single tensors (query_tokens, temp), ln_vision or the whole ViT first
@@ -116,10 +115,7 @@ class Blip2Stage1(pl.LightningModule):
         """AdamW over ``core.optim.param_groups`` of the trainable parameters; per-step lr schedule."""
         groups = param_groups(self.named_trainable_parameters(), self.weight_decay)
         opt = build_optimizer(groups, self.learning_rate, betas=self.betas, name=self.optimizer_name)
-        if self.scheduler_config is None:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=instantiate_from_config(self.scheduler_config))
-        return [opt], [{"scheduler": sched, "interval": "step", "frequency": 1}]
+        return with_step_schedule(opt, self.scheduler_config)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Lean: the frozen ViT stays in the ``vision_weights`` folder (``core.lean``)."""

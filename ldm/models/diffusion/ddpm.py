@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from core.optim import build_optimizer, check_optimizer
+from core.optim import build_optimizer, check_optimizer, with_step_schedule
 from core.lean import BASE_KEY, frozen_keys, full_state_dict, make_lean, restore_state
 from core.weights import CheckpointError, load_strict
 from ldm import compat
@@ -233,11 +233,7 @@ class DDPM(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = build_optimizer(self.param_groups(), self.learning_rate, name=self.optimizer_name)
-        if self.scheduler_config is None:
-            return opt
-        schedule = instantiate_from_config(self.scheduler_config)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule)
-        return [opt], [{"scheduler": sched, "interval": "step", "frequency": 1}]
+        return with_step_schedule(opt, self.scheduler_config)
 
 
 class LatentDiffusion(DDPM):
