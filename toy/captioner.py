@@ -37,8 +37,7 @@ from blip2.modules.eva_vit import EvaViT
 from blip2.processors import CLIP_MEAN, CLIP_STD, Blip2ImageProcessor
 from blip2.models.finetune import Blip2OPTFinetune
 from core.cli import ArgumentParser, run_cli
-from core.config import instantiate_from_config
-from core.optim import build_optimizer, param_groups
+from core.optim import build_optimizer, param_groups, with_step_schedule
 from core.weights import CheckpointError, load_state_dict, load_strict
 from toy.shapes import ATTRIBUTES, BACKGROUNDS, COLOURS, SHAPES, render, scene_of
 
@@ -191,11 +190,7 @@ class ToyViTPretrain(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = build_optimizer(param_groups(self.named_parameters(), self.weight_decay), self.learning_rate)
-        if self.scheduler_config is None:
-            return opt
-        f = instantiate_from_config(self.scheduler_config)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lambda step: f(step, 0))
-        return [opt], [{"scheduler": sched, "interval": "step", "frequency": 1}]
+        return with_step_schedule(opt, self.scheduler_config)
 
 
 def load_pretrained_vit(model: Blip2OPT, path: str | os.PathLike) -> None:
