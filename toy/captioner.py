@@ -106,11 +106,15 @@ class ToyCaptions(Dataset):
     def __len__(self) -> int:
         return self.num
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def scene_and_image(self, i: int) -> tuple[Any, torch.Tensor]:
+        """Item ``i``'s scene and its image (3, s, s), CLIP-normalised."""
         if not 0 <= i < self.num:
             raise IndexError(f"index {i} out of range for {self.num} items")
         scene = scene_of(self.split, self.seed, i)
-        image = self.processor([render(scene, self.image_size)])[0]  # (3, s, s)
+        return scene, self.processor([render(scene, self.image_size)])[0]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        scene, image = self.scene_and_image(i)
         if self.mode == "train":
             return {"image": image, "text_input": scene.caption()}
         return {"image": image, "image_id": f"{self.split}/{self.seed}/{i}", "references": [scene.caption()]}
@@ -128,10 +132,9 @@ class ToyAttributes(Dataset):
         return len(self.scenes)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.scenes[i]
-        scene = scene_of(self.scenes.split, self.scenes.seed, i)
+        scene, image = self.scenes.scene_and_image(i)
         labels = [ATTRIBUTE_VALUES[a].index(getattr(scene, a)) for a in ATTRIBUTES]
-        return {"image": item["image"], "labels": torch.tensor(labels)}
+        return {"image": image, "labels": torch.tensor(labels)}
 
 
 # ---- the model -----------------------------------------------------------------------------------
