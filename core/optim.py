@@ -10,7 +10,7 @@ gives per-parameter scales (BLIP-2's layer-wise ViT decay); a group's learning r
 The optimizer is named by every system's ``optimizer`` parameter (``model.params.optimizer``), one
 vocabulary: ``adamw`` (``torch.optim.AdamW``, the default, its multi-tensor step), ``adamw_fused``
 (the same AdamW with ``fused=True``: one kernel updates every parameter, the same update up to float
-rounding; 4x faster than the default step on a CPU thread for 98M parameters, measured; every
+rounding; 4x faster than the default step on a CPU thread for 98M parameters, timed once by hand; every
 trained parameter must be a float tensor on one CPU or CUDA device), or ``adamw8bit`` (bitsandbytes'
 ``AdamW8bit``: block-wise 8-bit moments, 2 bytes a parameter instead of 8; Dettmers et al. 2022,
 arXiv 2110.02861). ``check_optimizer`` runs in the systems' constructors, so a missing bitsandbytes

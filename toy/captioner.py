@@ -9,7 +9,7 @@ trained captioner is ``toy.judge``.
    attribute on its CLS output, trained on attribute labels (``ToyAttributes``), as ViTs were
    pretrained on labelled images before CLIP. PyTorch's default initialisation and lr 3e-3: from
    the N(0, 0.02) start at lr 1e-3 it learns colour and background but stays at chance between
-   circle and square (measured: shape 0.67-0.70 on held-out scenes after 1,500 steps).
+   circle and square (measured once: shape 0.67-0.70 on held-out scenes after 1,500 steps).
 2. The captioner (``ToyBlip2Finetune``, configs/toy/blip2.yaml, ``prompt`` ""): the ViT of stage 1
    frozen (``ln_vision`` trains, as in BLIP-2), the Q-Former and decoder from BERT-style
    initialisation, trained on the loss of bos + caption + "\\n" after the queries
