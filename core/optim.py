@@ -8,7 +8,8 @@ gives per-parameter scales (BLIP-2's layer-wise ViT decay); a group's learning r
 ``lr * lr_scale``, and ``set_lr`` applies a schedule's value the same way.
 
 The optimizer is named by every system's ``optimizer`` parameter (``model.params.optimizer``), one
-vocabulary: ``adamw`` (``torch.optim.AdamW``, the default, its multi-tensor step), ``adamw_fused``
+vocabulary: ``adamw`` (``torch.optim.AdamW``, the default, with torch's default step: multi-tensor on
+CUDA, one tensor at a time on a CPU), ``adamw_fused``
 (the same AdamW with ``fused=True``: one kernel updates every parameter, the same update up to float
 rounding; 4x faster than the default step on a CPU thread for 98M parameters, timed once by hand; every
 trained parameter must be a float tensor on one CPU or CUDA device), or ``adamw8bit`` (bitsandbytes'

@@ -233,6 +233,22 @@ def test_runs_started_in_the_same_instant_get_their_own_folders(tmp_path):
     assert names == sorted(["2026-12-01T10-00-00_dog"] + [f"2026-12-01T10-00-00_dog_{i}" for i in range(1, 8)])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_weight_check_finds_one_non_finite_element_in_any_tensor_and_dtype(dtype):
+    """One norm over all trainable tensors: NaN, +inf or -inf in one element of one of them is found; the
+    largest finite values (their sum of squares overflows) are not mistaken for inf."""
+    from core.callbacks.finite import _all_finite
+    big = torch.finfo(dtype).max
+    weights = [torch.full((3, 4), big, dtype=dtype), -torch.full((5,), big, dtype=dtype), torch.zeros(2, 2, dtype=dtype),
+               torch.randn(7, dtype=torch.float32)]
+    assert _all_finite(weights) and _all_finite([])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i in range(len(weights)):
+            spoilt = [w.clone() for w in weights]
+            spoilt[i].view(-1)[-1] = bad
+            assert not _all_finite(spoilt), (bad, i)
+
+
 @pytest.mark.parametrize("what", ["loss", "grad"])
 def test_a_non_finite_loss_or_step_stops_the_run_and_never_reaches_a_checkpoint(files, capsys, what):
     """Step 3 made non-finite; checkpoints every step. A NaN loss stops before its backward pass (last.ckpt:

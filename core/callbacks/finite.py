@@ -6,10 +6,10 @@ used to train on: its gradients turned the weights into NaN, and every checkpoin
 1. Before each backward pass, the loss must be finite on every rank (one collective). If it is not,
    the run stops there with :class:`NonFiniteError`; the weights are still those of the last
    finished step, so the checkpoint callback's exception save writes that step's exact state.
-2. After each optimizer step, the trainable weights must be finite (one reduction per step). Under
-   16-mixed the gradient scaler skips steps whose gradients overflowed, so a non-finite weight means
-   the step itself diverged: the run stops and that half-way state is never saved (the last
-   checkpoint stays the newest, ``core.callbacks.checkpointing``).
+2. After each optimizer step, the trainable weights must be finite (one norm over all of them,
+   ``_all_finite``). Under 16-mixed the gradient scaler skips steps whose gradients overflowed, so
+   a non-finite weight means the step itself diverged: the run stops and that half-way state is
+   never saved (the last checkpoint stays the newest, ``core.callbacks.checkpointing``).
 """
 from __future__ import annotations
 
@@ -28,9 +28,19 @@ ADVICE = "lower the learning rate, or train in bf16-mixed / fp32 instead of 16-m
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` is finite, with one host sync in the common case.
+
+    The 2-norm of all of them (torch's multi-tensor norms, a few kernels per device and dtype) is
+    finite when every element is, and NaN or inf when one is not; only then, since a sum of squares
+    can also overflow on large finite values, each tensor is checked element by element. On a CPU
+    thread, for the toy DreamBooth's 322 trained tensors: 5 ms against 26-39 ms for the element check
+    (timed by hand); on a GPU it is a handful of launches instead of two per tensor."""
     if not tensors:
         return True
-    return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
+    detached = [t.detach() for t in tensors]
+    if bool(torch.nn.utils.get_total_norm(detached, norm_type=2.0).isfinite()):
+        return True
+    return bool(torch.stack([t.isfinite().all() for t in detached]).all())
 
 
 class StopOnNonFinite(pl.Callback):
