@@ -12,12 +12,14 @@ runs' loss, gradients and final latents (reported in the table; a mismatch ends 
     python -m benchmarks.bench_sd                          # mid-size model: ~2 min on an idle 2-core CPU
     python -m benchmarks.bench_sd --full --device cuda --dtype bf16   # sd-v1 at 512x512
     python -m benchmarks.bench_sd --compile --only ddim   # both sides through torch.compile
+    python -m benchmarks.bench_sd --compile --only forward --repeats 10   # one compiled UNet call
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,7 +41,7 @@ from core.config import instantiate_from_config
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."
 GUIDANCE = 7.5
-BENCHES = ("train", "ddim", "plms")
+BENCHES = ("train", "ddim", "plms", "forward")
 # The mid-size UNet: sd-v1's architecture (attention at every level, 2 ResBlocks a level, CLIP-L
 # context) at a fifth of its width, three levels instead of four, and head widths 32-64 (sd-v1: 40-160).
 MID_UNET = dict(model_channels=64, channel_mult=[1, 2, 2], attention_resolutions=[4, 2, 1],
@@ -77,7 +79,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2, help="latent batch size (CFG doubles it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--only", default="train,ddim,plms", help="comma-separated subset of train, ddim, plms")
+    p.add_argument("--only", default="train,ddim,plms",
+                   help="comma-separated subset of train, ddim, plms, forward (one CFG-batch UNet call, no grad)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both UNets in place (ours: model.params.compile); built in the warm-up")
     args = p.parse_args(argv)
@@ -255,6 +258,23 @@ def bench_sampling(s: Setup, device: torch.device, repeats: int, sampler: type =
     return timings, {"latents": rel_err(timings["ours"].result, timings["diffusers"].result)}
 
 
+# ---- (4) one UNet call of a sampling step --------------------------------------------------------
+@torch.no_grad()
+def bench_forward(s: Setup, device: torch.device, repeats: int) -> tuple[dict, dict]:
+    """eps of a CFG batch ([x, x] with [uncond, cond] contexts) in one UNet call on each side."""
+    x, t, c = torch.cat([s.x, s.x]), torch.cat([s.t, s.t]), torch.cat([s.uncontext, s.context])
+    unet = s.ours.model.diffusion_model  # compiled in place with --compile
+    sides = {"ours": lambda: unet(x, t, c), "diffusers": lambda: s.ref(x, t, encoder_hidden_states=c).sample}
+    timings = interleaved(sides, device, warmup=1, repeats=repeats)
+    return timings, {"eps": rel_err(timings["ours"].result, timings["diffusers"].result)}
+
+
+def paired_ratio(timings: dict[str, Timing]) -> float:
+    """The median over rounds of ours / diffusers within a round (the sides run back to back, so a drift
+    of the machine between rounds cancels out)."""
+    return statistics.median(o / d for o, d in zip(timings["ours"].seconds, timings["diffusers"].seconds))
+
+
 # ---- report -------------------------------------------------------------------------------------
 def row(config: str, timings: dict[str, Timing], errors: dict[str, float], per_run: int,
         device: torch.device) -> list[str]:
@@ -290,11 +310,13 @@ def report(s: Setup, device: torch.device, results: dict[str, tuple[dict, dict]]
     header += ["peak GiB over held, ours / diffusers"] if device.type == "cuda" else []
     names = {"train": f"UNet fwd+bwd, batch {batch}, {size}x{size} latents, 77x{s.context.shape[-1]} context",
              "ddim": f"DDIM {s.steps} steps + CFG {GUIDANCE}, batch {batch} (x2), {size}x{size} latents",
-             "plms": f"PLMS {s.steps} steps + CFG {GUIDANCE}, batch {batch} (x2), {size}x{size} latents"}
-    rows = [row(names[k], *v, 1 if k == "train" else s.steps, device) for k, v in results.items()]
+             "plms": f"PLMS {s.steps} steps + CFG {GUIDANCE}, batch {batch} (x2), {size}x{size} latents",
+             "forward": f"UNet forward (no grad), batch {batch} (x2 for CFG), {size}x{size} latents"}
+    rows = [row(names[k], *v, s.steps if k in ("ddim", "plms") else 1, device) for k, v in results.items()]
     print(markdown_table(header + ["rel. error"], rows))
     for name, (timings, _) in results.items():
-        print(f"# {name} seconds per repeat: " + "; ".join(f"{k} {raw(t)}" for k, t in timings.items()))
+        print(f"# {name} seconds per repeat: " + "; ".join(f"{k} {raw(t)}" for k, t in timings.items())
+              + f"; ours / diffusers within a round, median {paired_ratio(timings):.2f}")
     print(f"# finished; {machine_line(device)}")
 
 
@@ -314,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"# {describe(s, args)}; {machine_line(device)}; fp32 forward parity {fp32_err:.1e}", flush=True)
     runs = {"train": lambda: bench_train(s, names, device, args.repeats),
             "ddim": lambda: bench_sampling(s, device, args.repeats),
-            "plms": lambda: bench_sampling(s, device, args.repeats, PLMSSampler, compvis_pndm)}
+            "plms": lambda: bench_sampling(s, device, args.repeats, PLMSSampler, compvis_pndm),
+            "forward": lambda: bench_forward(s, device, args.repeats)}
     results = {name: runs[name]() for name in args.only}
     report(s, device, results)
     for name, (_, errors) in results.items():
