@@ -11,6 +11,7 @@ import torch
 from core.config import instantiate_from_config
 from core.weights import CheckpointError
 from ldm.models.autoencoder import downsampling_factor
+from ldm.modules.diffusionmodules.openaimodel import CHANNEL_MULT, size_multiple
 
 
 def load_model(config: Any, ckpt: str | os.PathLike | None, device: torch.device | str = "cpu",
@@ -39,4 +40,4 @@ def pixel_multiple(config: Any) -> int:
     """What an image side must be a multiple of (64 for sd-v1): the VAE factor times the UNet's
     halvings of the latent, known before building the model."""
     unet = config.model.params.unet_config.params
-    return latent_factor(config) * 2 ** (len(unet.get("channel_mult", (1, 2, 4, 8))) - 1)
+    return latent_factor(config) * size_multiple(unet.get("channel_mult", CHANNEL_MULT))

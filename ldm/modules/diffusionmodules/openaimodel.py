@@ -90,6 +90,14 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+CHANNEL_MULT = (1, 2, 4, 8)  # UNetModel's default (sd-v1's)
+
+
+def size_multiple(channel_mult: Sequence[int]) -> int:
+    """What a latent side must be a multiple of: each level after the first halves it."""
+    return 2 ** (len(channel_mult) - 1)
+
+
 def head_split(channels: int, num_heads: int, num_head_channels: int, legacy: bool) -> tuple[int, int]:
     """(heads, head width) of a SpatialTransformer on `channels`, by the CompVis rule.
 
@@ -185,7 +193,7 @@ class UNetModel(nn.Module):
         num_res_blocks: int,
         attention_resolutions: Sequence[int],
         dropout: float = 0.0,
-        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        channel_mult: Sequence[int] = CHANNEL_MULT,
         use_checkpoint: bool = False,
         num_heads: int = -1,
         num_head_channels: int = -1,
@@ -214,7 +222,7 @@ class UNetModel(nn.Module):
             use_checkpoint=use_checkpoint,
         )
         mults, attn_res = tuple(channel_mult), tuple(attention_resolutions)
-        self.size_multiple = 2 ** (len(mults) - 1)  # each level halves the latent: its sides must divide by this
+        self.size_multiple = size_multiple(mults)
         self.input_blocks, skips = _input_blocks(
             f, in_channels, model_channels, mults, num_res_blocks, attn_res
         )
