@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,7 +30,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, cre
 from diffusers.utils import logging as diffusers_logging
 from omegaconf import OmegaConf
 
-from benchmarks.common import DTYPES, Timing, interleaved, machine_line, markdown_table
+from benchmarks.common import DTYPES, Timing, interleaved, machine_line, markdown_table, paired_ratio
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
@@ -269,12 +268,6 @@ def bench_forward(s: Setup, device: torch.device, repeats: int) -> tuple[dict, d
     return timings, {"eps": rel_err(timings["ours"].result, timings["diffusers"].result)}
 
 
-def paired_ratio(timings: dict[str, Timing]) -> float:
-    """The median over rounds of ours / diffusers within a round (the sides run back to back, so a drift
-    of the machine between rounds cancels out)."""
-    return statistics.median(o / d for o, d in zip(timings["ours"].seconds, timings["diffusers"].seconds))
-
-
 # ---- report -------------------------------------------------------------------------------------
 def row(config: str, timings: dict[str, Timing], errors: dict[str, float], per_run: int,
         device: torch.device) -> list[str]:
@@ -316,7 +309,7 @@ def report(s: Setup, device: torch.device, results: dict[str, tuple[dict, dict]]
     print(markdown_table(header + ["rel. error"], rows))
     for name, (timings, _) in results.items():
         print(f"# {name} seconds per repeat: " + "; ".join(f"{k} {raw(t)}" for k, t in timings.items())
-              + f"; ours / diffusers within a round, median {paired_ratio(timings):.2f}")
+              + f"; ours / diffusers within a round, median {paired_ratio(timings['ours'], timings['diffusers']):.2f}")
     print(f"# finished; {machine_line(device)}")
 
 

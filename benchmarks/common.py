@@ -64,6 +64,12 @@ def interleaved(sides: dict[str, Callable[[], Any]], device: torch.device, warmu
     return timings
 
 
+def paired_ratio(ours: Timing, ref: Timing) -> float:
+    """The median over rounds of ours / ref within a round: ``interleaved`` runs the sides back to back,
+    so a drift of the machine between rounds cancels out (the ratio of the medians keeps it)."""
+    return statistics.median(o / r for o, r in zip(ours.seconds, ref.seconds, strict=True))
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
