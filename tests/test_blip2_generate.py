@@ -6,6 +6,8 @@ import torch
 from transformers import GenerationConfig
 
 from blip2 import Blip2OPT
+from blip2.generation import top_k
+from blip2.modules.opt import KVCache
 from tests.blip2_fixtures import load_reference, make_tiny_blip2_folder, one_torch_thread, tiny_pixels
 
 PROMPTS = ["", "a photo of", "Question: what is the cat doing? Answer:"]  # mixed lengths: left padding
@@ -161,3 +163,65 @@ def test_bad_generation_options_are_named(image_tokens, bad, message):
     p = image_tokens
     with pytest.raises(ValueError, match=message):
         p.ours.generate_ids(p.pixels, p.ids, p.mask, **bad)
+
+
+@pytest.mark.parametrize("vocab", [50304, 50303, 60000, 300])
+@pytest.mark.parametrize("k", [1, 10])
+def test_top_k_equals_torch_topk(vocab, k):
+    gen = torch.Generator().manual_seed(vocab + k)
+    x = torch.randn(3, 4, vocab, generator=gen)
+    x[0, 0, -1] = 100.0  # the best entry in the tail past the last whole block
+    x[1, 2, :3] = torch.tensor([60.0, 61.0, 62.0])
+    x[2, 1, ::2] = -float("inf")
+    values, index = top_k(x, k)
+    expected = torch.topk(x, k, dim=-1)
+    assert torch.equal(values, expected.values) and torch.equal(index, expected.indices)
+
+
+def test_top_k_with_ties_keeps_the_best_values():
+    x = torch.randint(0, 4, (5, 50304), generator=torch.Generator().manual_seed(0)).float()
+    values, index = top_k(x, 10)
+    assert torch.equal(values, torch.topk(x, 10).values) and torch.equal(x.gather(1, index), values)
+    assert all(len(set(row)) == 10 for row in index.tolist())
+
+
+def _naive_cache(k, v, steps):
+    """What a KV cache must hold: [rows, h, S, d] rebuilt from every step's rows by concatenation."""
+    keys, values = k, v
+    for kind, arg, new_k, new_v in steps:
+        if kind == "expand":
+            keys, values = keys.repeat_interleave(arg, 0), values.repeat_interleave(arg, 0)
+        else:
+            keys, values = keys[arg], values[arg]
+        keys, values = torch.cat([keys, new_k], 2), torch.cat([values, new_v], 2)
+    return keys, values
+
+
+@pytest.mark.parametrize("prefix", [2, 9])  # short prefix: whole-copy reorders; long: in-place ones
+def test_kv_cache_expand_and_beam_reorders(prefix):
+    gen = torch.Generator().manual_seed(prefix)
+    batch, beams, heads, dim, steps = 3, 4, 2, 5, 6
+    cache = KVCache(depth=2, capacity=prefix + steps)
+    k0, v0 = torch.randn(batch, heads, prefix, dim, generator=gen), torch.randn(batch, heads, prefix, dim, generator=gen)
+    for layer in range(2):
+        cache.update(layer, k0 + layer, v0 - layer)
+    cache.length += prefix
+    plan = []
+    for step in range(steps):
+        new_k = torch.randn(batch * beams, heads, 1, dim, generator=gen)
+        new_v = torch.randn(batch * beams, heads, 1, dim, generator=gen)
+        if step == 0:
+            cache.expand(beams)
+            plan.append(("expand", beams, new_k, new_v))
+        else:  # each input's rows reordered among themselves, some repeated
+            within = torch.randint(0, beams, (batch, beams), generator=gen)
+            index = (within + torch.arange(batch)[:, None] * beams).flatten()
+            cache.select(index)
+            plan.append(("select", index, new_k, new_v))
+        for layer in range(2):
+            got_k, got_v = cache.update(layer, new_k + layer, new_v - layer)
+        cache.length += 1
+        for layer in range(2):
+            want_k, want_v = _naive_cache(k0 + layer, v0 - layer, [(a, b, c + layer, d - layer) for a, b, c, d in plan])
+            assert torch.equal(cache.keys[layer][:, :, :cache.length], want_k)
+            assert torch.equal(cache.values[layer][:, :, :cache.length], want_v)

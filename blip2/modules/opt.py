@@ -24,18 +24,22 @@ POSITION_OFFSET = 2
 class KVCache:
     """Keys and values of every layer, preallocated to ``capacity`` positions: [N, h, capacity, d].
 
-    ``select`` reorders the rows (beams) in one copy per tensor: each tensor's filled positions go
-    into a spare buffer of its shape, which it then replaces; the buffer it leaves is the spare of
-    the next one, so the reorder needs one tensor's worth of memory beyond the cache, and only
-    while it runs.
+    ``expand`` repeats each row for the beams (or returned samples) of its input; the positions
+    cached then (the prefix) are equal within each input's rows from there on. ``select`` reorders
+    the rows within inputs (the beam step), so it moves only the positions after that prefix, in
+    place: they go to a scratch buffer and back (2 copies of the new positions instead of one of
+    the whole sequence, as long as fewer positions follow the prefix than it holds; otherwise the
+    whole filled part goes in one copy into a spare buffer of the tensor's shape, which replaces it,
+    the buffer left being the spare of the next tensor). Either way the reorder needs one
+    tensor's worth of memory beyond the cache, and only while it runs.
     """
 
     def __init__(self, depth: int, capacity: int):
         self.capacity = capacity
         self.length = 0
+        self.shared = 0  # positions [0, shared) are equal within each input's rows (set by expand)
         self.keys: list[torch.Tensor | None] = [None] * depth
         self.values: list[torch.Tensor | None] = [None] * depth
-        self._spare: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new [N, h, T, d] keys/values of ``layer``; return all of them so far."""
@@ -47,24 +51,49 @@ class KVCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def expand(self, rows_per_input: int) -> None:
+        """Repeat each row ``rows_per_input`` times (row i -> rows i*k .. i*k + k - 1). Layer by layer,
+        each old buffer dropped as soon as its replacement exists: expanding the batch to the beams
+        (16 -> 80 rows at full size) never holds the old cache beside the new one."""
+        index = torch.arange(self._rows(), device=self._device()).repeat_interleave(rows_per_input)
+        self._select_whole(index)
+        self.shared = self.length
+
     def select(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` [N'] (beam reorder, or a repeat to expand the batch) of the filled
-        positions. Layer by layer, each old buffer dropped as soon as its replacement exists (or kept
-        as the spare): expanding the batch to the beams (16 -> 80 rows at full size) never holds the
-        old cache beside the new one."""
+        """Keep rows ``index`` [N], each taken from the rows of the same input (a beam reorder)."""
+        new = self.length - self.shared
+        if new == 0 or self.keys[0] is None:
+            return
+        if 2 * new >= self.length:
+            self._select_whole(index)
+            return
+        scratch = None
+        for store in (self.keys, self.values):
+            for buf in store:
+                part = buf[:, :, self.shared:self.length]  # (N, h, new, d)
+                if scratch is None or scratch.numel() < part.numel() or scratch.dtype != buf.dtype:
+                    scratch = buf.new_empty(buf[:, :, self.shared:].numel())
+                out = scratch[:part.numel()].view(part.shape)
+                torch.index_select(part, 0, index, out=out)
+                part.copy_(out)
+
+    def _select_whole(self, index: torch.Tensor) -> None:
+        spare = None
         for store in (self.keys, self.values):
             for i, buf in enumerate(store):
-                if buf is not None:
-                    store[i] = self._selected(buf, index)
-        self._spare = None  # not kept between reorders: decoding holds the cache alone
+                if buf is None:
+                    continue
+                shape = (index.shape[0], *buf.shape[1:])
+                out = spare if spare is not None and spare.shape == shape and spare.dtype == buf.dtype \
+                    else buf.new_empty(shape)
+                torch.index_select(buf[:, :, :self.length], 0, index, out=out[:, :, :self.length])
+                store[i], spare = out, (buf if buf.shape == shape else None)
 
-    def _selected(self, buf: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        shape = (index.shape[0], *buf.shape[1:])
-        spare = self._spare
-        out = spare if spare is not None and spare.shape == shape and spare.dtype == buf.dtype else buf.new_empty(shape)
-        torch.index_select(buf[:, :, :self.length], 0, index, out=out[:, :, :self.length])  # (N', h, length, d)
-        self._spare = buf if buf.shape == shape else None
-        return out
+    def _rows(self) -> int:
+        return next(b.shape[0] for b in self.keys if b is not None)
+
+    def _device(self) -> torch.device:
+        return next(b.device for b in self.keys if b is not None)
 
 
 def attention_mask(key_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
@@ -211,8 +240,17 @@ class DecodingSession:
         self.embeds = torch.cat([self.embeds, new], dim=1)
         return self._last_logits(self.embeds)
 
+    def expand(self, rows_per_input: int) -> None:
+        """Repeat each row ``rows_per_input`` times, for the beams or samples of its input."""
+        index = torch.arange(self.key_mask.shape[0], device=self.key_mask.device).repeat_interleave(rows_per_input)
+        self.key_mask = self.key_mask.index_select(0, index)
+        if self.cache is None:
+            self.embeds = self.embeds.index_select(0, index)
+        else:
+            self.cache.expand(rows_per_input)
+
     def select(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` [N'] (beam reorder, or repeat_interleave to expand the batch)."""
+        """Keep rows ``index`` [N], each from the rows of the same input (the beam reorder)."""
         self.key_mask = self.key_mask.index_select(0, index)
         if self.cache is None:
             self.embeds = self.embeds.index_select(0, index)
