@@ -104,6 +104,7 @@ def model_config(size: str, row: Row) -> dict:
     params.optimizer = row.optimizer
     params.lora = None if row.lora_rank is None else {"rank": row.lora_rank}
     params.frozen_dtype = frozen_dtype(row)
+    params.cache_latents = False  # a step that encodes its images, as the script's (a cached one skips the VAE)
     return OmegaConf.to_container(cfg.model, resolve=True)
 
 

@@ -14,6 +14,7 @@ DreamBooth training and for BLIP-2 captioning:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -123,6 +124,17 @@ def to_array(image: Image.Image) -> np.ndarray:
 
 
 # ---- images out -------------------------------------------------------------------------------
+def image_digest(pixels: np.ndarray | torch.Tensor) -> str:
+    """A digest of one image's shape, dtype and pixels (an array or a tensor, on any device): equal
+    keys mean equal pixels. Data sets key the uint8 pixels they convert, so keys of the same
+    conversion mean equal model inputs; the header keeps keys of other dtypes or layouts apart."""
+    if isinstance(pixels, torch.Tensor):
+        pixels = pixels.detach().cpu().contiguous().numpy()
+    data = np.ascontiguousarray(pixels)
+    header = f"{data.shape}{data.dtype}".encode()
+    return hashlib.blake2b(header + data.tobytes(), digest_size=16).hexdigest()
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Decoded samples in [-1, 1], (B, 3, H, W) -> uint8 (B, H, W, 3)."""
     x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)

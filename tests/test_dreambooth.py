@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from ldm.callbacks.image_logger import ImageLogger
+import ldm.models.diffusion.dreambooth as dreambooth_module
 from ldm.models.diffusion.dreambooth import PROMPT_CACHE
 from ldm.callbacks.class_images import ClassImageSampler
 from core.config import instantiate_from_config
@@ -243,6 +244,32 @@ def test_cached_latents_equal_fresh_ones_and_each_distinct_image_is_encoded_once
     flipped = {"instance": dict(batch["instance"], image=batch["instance"]["image"].flip(2))}
     model.training_step(flipped, 0)
     assert encoded == [1, 1]  # a flipped image is another image
+
+
+def test_the_data_sets_digests_key_the_latent_cache_without_hashing_the_batch(monkeypatch):
+    model = dreambooth(cache_latents=True)
+    vae = model.first_stage_model
+    encode, encoded = vae.encode, []
+    monkeypatch.setattr(vae, "encode", lambda x: encoded.append(x.shape[0]) or encode(x))
+    batch = pair(2)
+    torch.manual_seed(7)
+    hashed = model.training_step(batch, 0)  # no digests in the batch: the model hashes the images
+    model.on_fit_start()  # empties the caches
+    encoded[:] = []
+    monkeypatch.setattr(dreambooth_module, "image_digest", lambda x: pytest.fail("hashed a batch image"))
+    keyed = {half: dict(batch[half], image_digest=[f"{half}{i}" for i in range(2)]) for half in batch}
+    keyed["class"]["image_digest"] = ["class0", "instance1"]  # the digests decide: 3 entries
+    torch.manual_seed(7)
+    loss = model.training_step(keyed, 0)
+    assert encoded == [1, 1, 1]
+    model.on_fit_start()
+    keyed["class"]["image_digest"] = ["class0", "class1"]
+    torch.manual_seed(7)
+    assert torch.equal(model.training_step(keyed, 0), hashed) and encoded == [1, 1, 1, 1, 1, 1, 1]
+    keyed["class"]["image_digest"] = ["class0"]
+    with pytest.raises(ValueError, match="image_digest: 1 keys for a batch of 2 images"):
+        model.training_step(keyed, 0)
+    assert loss.isfinite()
 
 
 def test_a_few_steps_reduce_the_instance_loss():

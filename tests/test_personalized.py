@@ -11,6 +11,7 @@ from PIL import Image
 from skimage import data as skdata
 from torch.utils.data import DataLoader
 
+from core.images import image_digest
 from ldm.data.personalized import DreamBoothPairs, PersonalizedBase
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -243,3 +244,21 @@ def test_pairs_batch_through_default_collate(tmp_path):
     assert firsts == [list(GREEN), list(BLUE), [9, 9, 9], list(GREEN)]
     alone = next(iter(DataLoader(DreamBoothPairs(instance, None), batch_size=2)))
     assert set(alone) == {"instance"} and alone["instance"]["image"].shape == (2, 8, 8, 3)
+
+
+def test_items_carry_the_digest_of_their_final_pixels(tmp_path):
+    halves = np.concatenate([np.broadcast_to(np.array(c, np.uint8), (16, 8, 3)) for c in (RED, BLUE)], axis=1)
+    _save(tmp_path / "halves.png", halves)  # another image when flipped
+    _solid(tmp_path / "solid.png", (16, 16), GREEN)  # the same
+    data = PersonalizedBase(str(tmp_path), resolution=16, repeats=40, flip_p=0.5, seed=3)
+    items = [data[i] for i in range(40)]
+    for item in items:
+        assert item["image_digest"] == image_digest(_uint8(item).astype(np.uint8))
+    by_digest = {}
+    for item in items:  # equal digests <=> equal pixels: two images x (flipped or not) = 3 distinct
+        by_digest.setdefault(item["image_digest"], item["image"])
+        assert np.array_equal(by_digest[item["image_digest"]], item["image"])
+    assert len(by_digest) == 3  # the solid image is the same flipped
+    assert data[5]["image_digest"] == data[5]["image_digest"]
+    batch = next(iter(DataLoader(DreamBoothPairs(data, data), batch_size=4)))
+    assert batch["instance"]["image_digest"] == [items[i]["image_digest"] for i in range(4)]

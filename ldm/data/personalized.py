@@ -3,9 +3,11 @@
 Ruiz et al., "DreamBooth" (arXiv 2208.12242), Sec. 3.2-3.3: the subject's 3-5 images are
 captioned "a [identifier] [class noun]", and the class-specific prior-preservation loss pairs
 each of them with a class image captioned "a [class noun]". Items are CompVis-style dicts
-``{"image": (H, W, 3) float32 in [-1, 1], "caption": str}`` that ``LatentDiffusion`` reads with
-``first_stage_key="image"`` and ``cond_stage_key="caption"``; torch's ``default_collate`` batches
-them (and the nested :class:`DreamBoothPairs` dicts) as stacked tensors and lists of captions.
+``{"image": (H, W, 3) float32 in [-1, 1], "caption": str, "image_digest": str}`` that
+``LatentDiffusion`` reads with ``first_stage_key="image"`` and ``cond_stage_key="caption"``; torch's
+``default_collate`` batches them (and the nested :class:`DreamBoothPairs` dicts) as stacked tensors
+and lists of strings. ``image_digest`` is ``core.images.image_digest`` of the item's final uint8 pixels,
+computed here in the loader's workers: DreamBooth's ``cache_latents`` finds its entries by it.
 
 Per item ``i``:
 
@@ -29,6 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.images import (
+    image_digest,
     is_image_file,
     list_images,
     load_rgb,
@@ -200,7 +203,8 @@ class PersonalizedBase(Dataset):
         image = image.crop(box).resize((self.resolution, self.resolution), self.resample)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return {"image": to_array(image), "caption": self.caption(n, template)}  # image: (res, res, 3)
+        pixels = np.asarray(image)  # (res, res, 3) uint8
+        return {"image": to_array(image), "caption": self.caption(n, template), "image_digest": image_digest(pixels)}
 
 
 class DreamBoothPairs(Dataset):

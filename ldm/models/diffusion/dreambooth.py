@@ -28,18 +28,21 @@ Caches (derived data, never saved in checkpoints):
   prompt); the repeated rows' gradients add up in the index's backward, as they would over
   separate encodings. Only for an encoder without active dropout (CLIP's has none), where a
   prompt's encoding is the same in every row.
-- ``cache_latents``: the VAE posterior moments of each distinct image, keyed by a hash of its pixels.
-  A random flip or crop gives other pixels and so another entry; the cache is therefore correct for
-  any augmentation, but only pays off when the items repeat (center crop: at most 2 entries per
-  image with flips). The posterior is still sampled every step, as without the cache.
+- ``cache_latents`` (on in ``configs/dreambooth.yaml``): the VAE posterior moments of each distinct
+  image, keyed by a digest of its pixels (``core.images.image_digest``): the data set's ``image_digest``
+  of each item, computed in the loader's workers, or, for a batch without one, the digest of the
+  image tensor here. A random flip or crop gives other pixels and so another entry; the cache is
+  therefore correct for any augmentation, but only pays off when the items repeat (center crop: at
+  most 2 entries per image with flips; sd-v1 at 512 px: 128 KiB each). The posterior is still
+  sampled every step, as without the cache.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from core.images import image_digest
 from ldm import compat
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.schedule import offset_noise
@@ -47,13 +50,6 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.lora import TEXT_ATTENTION, LoRAConfig
 
 PROMPT_CACHE = 8  # conditioning batches a frozen text encoder keeps (by their prompt lists)
-
-
-def image_key(image: torch.Tensor) -> bytes:
-    """A digest of one image's shape, dtype and pixels: equal keys mean equal images."""
-    data = image.detach().cpu().contiguous()
-    header = f"{tuple(data.shape)}{data.dtype}".encode()
-    return hashlib.blake2b(header + data.numpy().tobytes(), digest_size=16).digest()
 
 
 def lora_settings(lora: Mapping[str, Any], train_text_encoder: bool, use_ema: bool) -> LoRAConfig:
@@ -103,7 +99,7 @@ class DreamBooth(LatentDiffusion):
             if lora_config.text_encoder:
                 lora_config.inject(self.cond_stage_model.transformer, TEXT_ATTENTION)
         self._prompt_cache: dict[tuple[str, ...], torch.Tensor] = {}  # insertion order = use order
-        self._moment_cache: dict[bytes, torch.Tensor] = {}
+        self._moment_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config_params(cls, **params: Any) -> "DreamBooth":
@@ -140,23 +136,27 @@ class DreamBooth(LatentDiffusion):
             isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.cond_stage_model.modules())
 
     @torch.no_grad()
-    def posterior(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        """q(z | x) of the frozen VAE; with ``cache_latents`` each distinct image is encoded once."""
+    def posterior(self, x: torch.Tensor, keys: Sequence[str] | None = None) -> DiagonalGaussianDistribution:
+        """q(z | x) of the frozen VAE; with ``cache_latents`` each distinct image is encoded once.
+        ``keys``: the images' ``image_digest`` as the data set gave them (else digests of ``x`` here)."""
         if not self.cache_latents:
             return self.encode_first_stage(x)
-        keys = [image_key(img) for img in x]
+        if keys is None:
+            keys = [image_digest(img) for img in x]
+        elif len(keys) != x.shape[0]:
+            raise ValueError(f"image_digest: {len(keys)} keys for a batch of {x.shape[0]} images")
         new = {k: i for i, k in enumerate(keys) if k not in self._moment_cache}
         for k, i in new.items():  # one at a time: the entry does not depend on the batch it came in
             self._moment_cache[k] = self.encode_first_stage(x[i:i + 1]).parameters[0]  # (2 z_channels, h, w)
         return DiagonalGaussianDistribution(torch.stack([self._moment_cache[k] for k in keys]))
 
-    def latents(self, x: torch.Tensor) -> torch.Tensor:
+    def latents(self, x: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
         """z = scale_factor * (a sample of q(z | x)), in the images' dtype (autocast may encode in 16 bit)."""
-        return self.get_first_stage_encoding(self.posterior(x)).detach().to(x.dtype)  # (B, 4, H/8, W/8)
+        return self.get_first_stage_encoding(self.posterior(x, keys)).detach().to(x.dtype)  # (B, 4, H/8, W/8)
 
     def draws(self, part: Mapping) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z, t, eps) of one half of the batch, drawn in the documented order: posterior sample, t, eps."""
-        z = self.latents(self.get_input(part, self.first_stage_key))
+        z = self.latents(self.get_input(part, self.first_stage_key), part.get("image_digest"))
         t = self.sample_timesteps(z.shape[0], z.device)
         return z, t, offset_noise(z, self.noise_offset)
 
