@@ -31,7 +31,10 @@ IGNORED_FIELDS = {"transformers_version", "_from_model_config", "bos_token_id"}
 
 
 class Session(Protocol):
-    """What the decoding rules need from a model: see ``blip2.modules.opt.DecodingSession``."""
+    """What the decoding rules need from a model: see ``blip2.modules.opt.DecodingSession``.
+    ``prefill`` and ``step`` return new logits [N, V] each call, which the rules may change in place
+    (``MinNewTokens``); ``expand`` repeats each row for its input's beams or samples; ``select``
+    reorders rows within each input (the beam step)."""
 
     def prefill(self) -> torch.Tensor: ...
     def step(self, tokens: torch.Tensor) -> torch.Tensor: ...
@@ -112,10 +115,14 @@ class MinNewTokens(LogitsProcessor):
 
     def __init__(self, prefix_len: int, min_new: int, eos: torch.Tensor):
         self.prefix_len, self.min_new, self.eos = prefix_len, min_new, eos
+        self._in_vocab: dict[int, torch.Tensor] = {}  # eos ids below each vocabulary size seen
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] - self.prefix_len < self.min_new:
-            scores[:, self.eos] = -math.inf
+            vocab = scores.shape[-1]
+            if vocab not in self._in_vocab:  # as transformers' isin over the vocabulary: others ignored
+                self._in_vocab[vocab] = self.eos[(self.eos >= 0) & (self.eos < vocab)]
+            scores[:, self._in_vocab[vocab]] = -math.inf
         return scores
 
 
@@ -221,10 +228,11 @@ def top_k(x: torch.Tensor, k: int, block: int = 128) -> tuple[torch.Tensor, torc
     words on 2 cores); here one max per block of ``block`` entries picks the k blocks with the best
     maxima, and the k best entries are among those blocks and the leftover tail (each of them lies in
     a block whose maximum is at least the k-th best value, and at most k blocks have such a
-    maximum), so a max pass and a topk over k * block candidates do it (0.7 ms). The values are
-    torch.topk's; where entries tie at the k-th value the indices kept may differ."""
+    maximum, ties at the k-th value aside), so a max pass and a topk over k * block candidates do it
+    (0.7 ms). The values are torch.topk's; where entries tie at the k-th value the indices kept may
+    differ."""
     *lead, vocab = x.shape
-    if x.device.type != "cpu" or vocab < 4 * k * block:
+    if x.device.type != "cpu" or vocab < 4 * k * block or x.numel() == 0:
         return torch.topk(x, k, dim=-1)
     rows, whole = x.reshape(-1, vocab), vocab - vocab % block
     blocks = rows[:, :whole].view(rows.shape[0], -1, block)  # (n, nb, block)

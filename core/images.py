@@ -125,14 +125,18 @@ def to_array(image: Image.Image) -> np.ndarray:
 
 # ---- images out -------------------------------------------------------------------------------
 def image_digest(pixels: np.ndarray | torch.Tensor) -> str:
-    """A digest of one image's shape, dtype and pixels (an array or a tensor, on any device): equal
-    keys mean equal pixels. Data sets key the uint8 pixels they convert, so keys of the same
-    conversion mean equal model inputs; the header keeps keys of other dtypes or layouts apart."""
+    """A digest of one image's shape, dtype and pixels (an array, or a tensor of any dtype on any
+    device): equal keys mean equal pixels. Data sets key the uint8 pixels they convert, so keys of
+    the same conversion mean equal model inputs; the header keeps keys of other dtypes, layouts and
+    kinds (array or tensor) apart."""
     if isinstance(pixels, torch.Tensor):
-        pixels = pixels.detach().cpu().contiguous().numpy()
-    data = np.ascontiguousarray(pixels)
-    header = f"{data.shape}{data.dtype}".encode()
-    return hashlib.blake2b(header + data.tobytes(), digest_size=16).hexdigest()
+        data = pixels.detach().cpu().contiguous()
+        header = f"tensor{tuple(data.shape)}{data.dtype}".encode()
+        body = data.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 included
+    else:
+        data = np.ascontiguousarray(pixels)
+        header, body = f"array{data.shape}{data.dtype}".encode(), data.tobytes()
+    return hashlib.blake2b(header + body, digest_size=16).hexdigest()
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -225,3 +225,53 @@ def test_kv_cache_expand_and_beam_reorders(prefix):
             want_k, want_v = _naive_cache(k0 + layer, v0 - layer, [(a, b, c + layer, d - layer) for a, b, c, d in plan])
             assert torch.equal(cache.keys[layer][:, :, :cache.length], want_k)
             assert torch.equal(cache.values[layer][:, :, :cache.length], want_v)
+
+
+def test_kv_cache_a_reorder_across_inputs_moves_everything():
+    gen = torch.Generator().manual_seed(0)
+    cache = KVCache(depth=1, capacity=12)
+    k0, v0 = torch.randn(2, 1, 8, 3, generator=gen), torch.randn(2, 1, 8, 3, generator=gen)
+    cache.update(0, k0, v0)
+    cache.length += 8
+    cache.expand(2)
+    new_k, new_v = torch.randn(4, 1, 1, 3, generator=gen), torch.randn(4, 1, 1, 3, generator=gen)
+    cache.update(0, new_k, new_v)
+    cache.length += 1
+    index = torch.tensor([2, 3, 0, 1])  # the inputs swapped: not a beam reorder
+    cache.select(index)
+    want_k, want_v = _naive_cache(k0, v0, [("expand", 2, new_k, new_v)])
+    assert torch.equal(cache.keys[0][:, :, :9], want_k[index]) and torch.equal(cache.values[0][:, :, :9], want_v[index])
+    assert cache.shared == 0
+    KVCache(depth=1, capacity=4).expand(3)  # nothing cached yet: nothing to repeat
+
+
+def test_min_new_tokens_masks_eos_like_transformers():
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    from blip2.generation import MinNewTokens
+
+    scores = torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
+    history = torch.zeros(3, 6, dtype=torch.long)
+    for eos in ([3], [3, 12], [-1, 4], [12]):  # ids outside the vocabulary are ignored, as transformers does
+        eos = torch.tensor(eos)
+        for min_new in (1, 4):  # 6 ids = 4 prompt + 2 new: still masked, then not
+            expected = MinNewTokensLengthLogitsProcessor(4, min_new, eos)(history, scores.clone())
+            assert torch.equal(MinNewTokens(4, min_new, eos)(history, scores.clone()), expected)
+
+
+def test_top_k_of_no_rows():
+    values, index = top_k(torch.zeros(0, 50304), 10)
+    assert values.shape == index.shape == (0, 10)
+
+
+@pytest.mark.parametrize("case", [CASES[5], CASES[9], CASES[11], CASES[12]], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_ids_match_transformers_through_the_block_top_k(image_tokens, case, monkeypatch):
+    """The tiny vocabulary is below ``top_k``'s threshold: with blocks of 4 the block path runs."""
+    import blip2.generation as generation
+
+    calls = []
+    block_top_k = generation.top_k
+    monkeypatch.setattr(generation, "top_k", lambda x, k: calls.append(k) or block_top_k(x, k, block=4))
+    image_tokens.assert_same(**_options(image_tokens, case))
+    vocab = image_tokens.ours.language_model.lm_head.weight.shape[0]
+    assert calls and all(vocab >= 4 * k * 4 for k in calls)

@@ -267,7 +267,7 @@ def test_the_data_sets_digests_key_the_latent_cache_without_hashing_the_batch(mo
     torch.manual_seed(7)
     assert torch.equal(model.training_step(keyed, 0), hashed) and encoded == [1, 1, 1, 1, 1, 1, 1]
     keyed["class"]["image_digest"] = ["class0"]
-    with pytest.raises(ValueError, match="image_digest: 1 keys for a batch of 2 images"):
+    with pytest.raises(ValueError, match="image_digest: 1 digests for a batch of 2 images"):
         model.training_step(keyed, 0)
     assert loss.isfinite()
 

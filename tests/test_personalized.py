@@ -262,3 +262,12 @@ def test_items_carry_the_digest_of_their_final_pixels(tmp_path):
     assert data[5]["image_digest"] == data[5]["image_digest"]
     batch = next(iter(DataLoader(DreamBoothPairs(data, data), batch_size=4)))
     assert batch["instance"]["image_digest"] == [items[i]["image_digest"] for i in range(4)]
+
+
+def test_digests_of_tensors_of_any_dtype_and_of_arrays_are_apart():
+    x = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)) * 255
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.uint8):
+        t = x.to(dtype)
+        assert image_digest(t) == image_digest(t.clone()) != image_digest(t.flip(2))
+    assert image_digest(x) != image_digest(x.numpy()) != image_digest(x.to(torch.float64))
+    assert image_digest(x.bfloat16()) != image_digest(x.half())

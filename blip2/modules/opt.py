@@ -38,6 +38,7 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
         self.shared = 0  # positions [0, shared) are equal within each input's rows (set by expand)
+        self.rows_per_input = 1
         self.keys: list[torch.Tensor | None] = [None] * depth
         self.values: list[torch.Tensor | None] = [None] * depth
 
@@ -55,14 +56,23 @@ class KVCache:
         """Repeat each row ``rows_per_input`` times (row i -> rows i*k .. i*k + k - 1). Layer by layer,
         each old buffer dropped as soon as its replacement exists: expanding the batch to the beams
         (16 -> 80 rows at full size) never holds the old cache beside the new one."""
+        if self.keys[0] is None:
+            return
         index = torch.arange(self._rows(), device=self._device()).repeat_interleave(rows_per_input)
         self._select_whole(index)
-        self.shared = self.length
+        self.shared, self.rows_per_input = self.length, rows_per_input
 
     def select(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` [N], each taken from the rows of the same input (a beam reorder)."""
+        """Keep rows ``index`` [N], each taken from the rows of the same input (a beam reorder). An
+        index that takes rows from other inputs is moved whole, and the prefix is no longer shared."""
         new = self.length - self.shared
-        if new == 0 or self.keys[0] is None:
+        if self.keys[0] is None or self.length == 0:
+            return
+        if self.shared and not self._within_inputs(index):
+            self._select_whole(index)
+            self.shared = 0
+            return
+        if new == 0:
             return
         if 2 * new >= self.length:
             self._select_whole(index)
@@ -88,6 +98,10 @@ class KVCache:
                     else buf.new_empty(shape)
                 torch.index_select(buf[:, :, :self.length], 0, index, out=out[:, :, :self.length])
                 store[i], spare = out, (buf if buf.shape == shape else None)
+
+    def _within_inputs(self, index: torch.Tensor) -> bool:
+        rows = torch.arange(index.shape[0], device=index.device)
+        return index.shape[0] == self._rows() and bool((index // self.rows_per_input == rows // self.rows_per_input).all())
 
     def _rows(self) -> int:
         return next(b.shape[0] for b in self.keys if b is not None)

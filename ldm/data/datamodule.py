@@ -51,8 +51,9 @@ def concept_configs(concept: Concept, train: Mapping, class_images: Mapping | No
 
 class DreamBoothDataModule(CoreDataModule):
     """Builds ``train`` (the instance images), ``class_images`` and ``validation`` from ``{target, params}``
-    configs; training batches are ``DreamBoothPairs``. (A plain latent-diffusion run, with flat batches
-    ``{"image", "caption"}``, takes core's ``DataModuleFromConfig``.)
+    configs; training batches are ``DreamBoothPairs`` (halves ``{"image", "caption", "image_digest"}``).
+    (A plain latent-diffusion run, with flat batches ``{"image", "caption"}``, takes core's
+    ``DataModuleFromConfig``.)
 
     With ``concepts`` (``dreambooth.concepts``, see ``ldm.data.concepts``), ``train`` and
     ``class_images`` are the templates of each concept's two sets; the training set is the

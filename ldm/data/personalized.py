@@ -6,8 +6,10 @@ each of them with a class image captioned "a [class noun]". Items are CompVis-st
 ``{"image": (H, W, 3) float32 in [-1, 1], "caption": str, "image_digest": str}`` that
 ``LatentDiffusion`` reads with ``first_stage_key="image"`` and ``cond_stage_key="caption"``; torch's
 ``default_collate`` batches them (and the nested :class:`DreamBoothPairs` dicts) as stacked tensors
-and lists of strings. ``image_digest`` is ``core.images.image_digest`` of the item's final uint8 pixels,
-computed here in the loader's workers: DreamBooth's ``cache_latents`` finds its entries by it.
+and lists of strings. ``image_digest`` is ``core.images.image_digest`` of the item's final uint8
+pixels, computed here in the loader's workers: DreamBooth's ``cache_latents`` finds its entries by
+it, so a data set (or a wrapper) that sets ``<first_stage_key>_digest`` must digest exactly the
+pixels it returns.
 
 Per item ``i``:
 
@@ -108,7 +110,8 @@ def _check_numbers(resolution: int, repeats: int, flip_p: float, seed: int) -> N
 
 class PersonalizedBase(Dataset):
     """Instance images (``class_images=False``) or class images (``class_images=True``) of one folder,
-    as dicts ``{"image": (resolution, resolution, 3) float32 in [-1, 1], "caption": str}``;
+    as dicts ``{"image": (resolution, resolution, 3) float32 in [-1, 1], "caption": str,
+    "image_digest": str}``;
     ``len = num_images * repeats``.
 
     Captions: a ``templates`` entry (drawn per item) with ``{identifier}`` and ``{class_word}`` filled;

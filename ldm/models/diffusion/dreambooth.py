@@ -138,13 +138,14 @@ class DreamBooth(LatentDiffusion):
     @torch.no_grad()
     def posterior(self, x: torch.Tensor, keys: Sequence[str] | None = None) -> DiagonalGaussianDistribution:
         """q(z | x) of the frozen VAE; with ``cache_latents`` each distinct image is encoded once.
-        ``keys``: the images' ``image_digest`` as the data set gave them (else digests of ``x`` here)."""
+        ``keys``: the images' ``<first_stage_key>_digest`` as the data set gave them (else digests of
+        ``x`` here)."""
         if not self.cache_latents:
             return self.encode_first_stage(x)
         if keys is None:
             keys = [image_digest(img) for img in x]
         elif len(keys) != x.shape[0]:
-            raise ValueError(f"image_digest: {len(keys)} keys for a batch of {x.shape[0]} images")
+            raise ValueError(f"{self.first_stage_key}_digest: {len(keys)} digests for a batch of {x.shape[0]} images")
         new = {k: i for i, k in enumerate(keys) if k not in self._moment_cache}
         for k, i in new.items():  # one at a time: the entry does not depend on the batch it came in
             self._moment_cache[k] = self.encode_first_stage(x[i:i + 1]).parameters[0]  # (2 z_channels, h, w)
@@ -156,7 +157,7 @@ class DreamBooth(LatentDiffusion):
 
     def draws(self, part: Mapping) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(z, t, eps) of one half of the batch, drawn in the documented order: posterior sample, t, eps."""
-        z = self.latents(self.get_input(part, self.first_stage_key), part.get("image_digest"))
+        z = self.latents(self.get_input(part, self.first_stage_key), part.get(f"{self.first_stage_key}_digest"))
         t = self.sample_timesteps(z.shape[0], z.device)
         return z, t, offset_noise(z, self.noise_offset)
 
