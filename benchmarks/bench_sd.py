@@ -12,6 +12,7 @@ runs' loss, gradients and final latents (reported in the table; a mismatch ends 
     python -m benchmarks.bench_sd                          # mid-size model: ~2 min on an idle 2-core CPU
     python -m benchmarks.bench_sd --full --device cuda --dtype bf16   # sd-v1 at 512x512
     python -m benchmarks.bench_sd --compile --only ddim   # both sides through torch.compile
+    python -m benchmarks.bench_sd --channels_last         # both UNets in channels-last memory order
     python -m benchmarks.bench_sd --compile --only forward --repeats 10   # one compiled UNet call
 """
 from __future__ import annotations
@@ -80,6 +81,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--only", default="train,ddim,plms",
                    help="comma-separated subset of train, ddim, plms, forward (one CFG-batch UNet call, no grad)")
+    p.add_argument("--channels_last", action="store_true",
+                   help="both UNets' convolution weights in channels-last order (ours: model.params.channels_last)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile both UNets in place (ours: model.params.compile); built in the warm-up")
     args = p.parse_args(argv)
@@ -287,7 +290,7 @@ def describe(s: Setup, args: argparse.Namespace) -> str:
     unet = s.ours.model.diffusion_model
     n_params = sum(p.numel() for p in unet.parameters()) / 1e6
     size = "sd-v1" if args.full else f"mid ({MID_UNET['model_channels']} ch x {MID_UNET['channel_mult']})"
-    return f"{size} UNet, {n_params:.0f}M params, {args.dtype}{', torch.compile' if args.compile else ''}"
+    return f"{size} UNet, {n_params:.0f}M params, {args.dtype}{', torch.compile' if args.compile else ''}{', channels_last' if args.channels_last else ''}"
 
 
 def cast(s: Setup, dtype: torch.dtype) -> Setup:
@@ -323,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     s, names = make_setup(args, device)
     fp32_err = check_forward(s)
     s = cast(s, dtype)
+    if args.channels_last:
+        s.ours.channels_last_denoiser()
+        s.ref.to(memory_format=torch.channels_last)
     if args.compile:
         s.ours.compile_denoiser()
         s.ref.compile()

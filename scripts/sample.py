@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip_grid", action="store_true")
     p.add_argument("--truncate", action="store_true", help="cut prompts longer than the text encoder reads")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (built at the first step)")
+    p.add_argument("--channels_last", action="store_true",
+                   help="the UNet's convolutions in channels-last memory order (model.params.channels_last)")
     return p.parse_args(argv)
 
 
@@ -130,6 +132,8 @@ def run(opt: argparse.Namespace) -> list[Path]:
     model = load_model(config, None if opt.random_init else opt.ckpt, device, base=opt.base_weights)
     if opt.lora:
         merge_kohya(model, opt.lora, opt.lora_scale)
+    if opt.channels_last:
+        model.channels_last_denoiser()
     if opt.compile:
         model.compile_denoiser()
     sampler = "plms" if opt.plms else "ddim"

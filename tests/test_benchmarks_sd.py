@@ -15,8 +15,9 @@ def test_the_within_round_ratio_cancels_a_drift_between_rounds():
 
 
 def test_the_forward_row_agrees_and_reports_both_ratios(capsys):
-    bench_sd.main(["--only", "forward", "--repeats", "2"])
+    bench_sd.main(["--only", "forward", "--repeats", "2", "--channels_last"])  # both sides channels-last
     out = capsys.readouterr().out
+    assert "params, fp32, channels_last; " in out
     row = next(line for line in out.splitlines() if line.startswith("| UNet forward (no grad), batch 2 (x2 for CFG)"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[1]) > 0 and float(cells[2]) > 0 and cells[-1].startswith("eps ")

@@ -252,3 +252,27 @@ def test_compile_option_compiles_the_unet_in_place_with_the_same_keys():
     assert compiled.model.diffusion_model._compiled_call_impl is not None  # built lazily, at the first call
     assert eager.model.diffusion_model._compiled_call_impl is None
     assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+def test_channels_last_option_gives_the_same_eps_gradients_and_checkpoint(tmp_path):
+    plain_model, nhwc = tiny_model(seed=3), tiny_model(seed=3, **{"model.params.channels_last": True})
+    convs = [p for p in nhwc.model.diffusion_model.parameters() if p.ndim == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(p.shape[-1] > 1 for p in convs) and not any(p.is_contiguous() for p in convs if p.shape[-1] > 1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    t, c = torch.tensor([3, 700]), plain_model.get_learned_conditioning(["a red square", "a dog"]).detach()
+    outs = []
+    for model in (plain_model, nhwc):
+        eps = model.apply_model(x, t, c)
+        eps.square().mean().backward()
+        outs.append((eps.detach(), {k: p.grad for k, p in model.model.diffusion_model.named_parameters()}))
+    (eps_a, grads_a), (eps_b, grads_b) = outs
+    assert rel_err(eps_b, eps_a) < 1e-5
+    flat = [torch.cat([g[k].flatten() for k in grads_a]) for g in (grads_a, grads_b)]  # some are ~0 (pre-norm biases)
+    assert (flat[1] - flat[0]).norm() / flat[0].norm() < 1e-5
+    assert all(grads_b[k].stride() == p.stride() for k, p in nhwc.model.diffusion_model.named_parameters())
+    path = save_checkpoint({"state_dict": nhwc.state_dict()}, tmp_path / "nhwc.ckpt")
+    back = instantiate_from_config(tiny_config(**{"model.params.ckpt_path": str(path)}).model)
+    assert list(back.state_dict()) == list(plain_model.state_dict())
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in nhwc.state_dict().items())

@@ -67,7 +67,7 @@ def test_writes_png_samples_with_metadata_and_a_grid(tmp_path, tiny_ckpt):
     assert len(grids) == 1 and Image.open(grids[0]).size[0] > 24
 
 
-def test_same_seed_same_images_and_plms(tmp_path, tiny_ckpt):
+def test_same_seed_same_images_and_plms(tmp_path, tiny_ckpt, monkeypatch):
     arrays = []
     for run in ("a", "b"):
         assert _main("--prompt", "a cat", "--ckpt", tiny_ckpt, "--outdir", tmp_path / run, "--H", 16, "--W", 16,
@@ -75,6 +75,14 @@ def test_same_seed_same_images_and_plms(tmp_path, tiny_ckpt):
         arrays.append(np.asarray(Image.open(tmp_path / run / "samples" / "00000.png")))
     assert np.array_equal(arrays[0], arrays[1]) and arrays[0].std() > 0
     assert Image.open(tmp_path / "a" / "samples" / "00000.png").text["sampler"] == "plms"
+    from ldm.models.diffusion.ddpm import DDPM
+
+    nhwc_calls, to_nhwc = [], DDPM.channels_last_denoiser
+    monkeypatch.setattr(DDPM, "channels_last_denoiser", lambda self: nhwc_calls.append(1) or to_nhwc(self))
+    assert _main("--prompt", "a cat", "--ckpt", tiny_ckpt, "--outdir", tmp_path / "nhwc", "--H", 16, "--W", 16,
+                 "--ddim_steps", 4, "--n_samples", 1, "--n_iter", 1, "--plms", "--skip_grid", "--channels_last") == 0
+    nhwc = np.asarray(Image.open(tmp_path / "nhwc" / "samples" / "00000.png")).astype(int)
+    assert np.abs(nhwc - arrays[0]).max() <= 1 and nhwc_calls == [1]  # the same sample, up to 8-bit rounding
 
 
 def test_clear_errors(tmp_path, tiny_ckpt, capsys):

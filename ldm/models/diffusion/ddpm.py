@@ -51,7 +51,8 @@ class DDPM(pl.LightningModule):
     ``optimizer`` names one of ``core.optim.OPTIMIZERS`` (AdamW with its default decay on every tensor).
     Loss options (both off by default): ``snr_gamma`` weights each sample's eps loss by Min-SNR-gamma,
     ``noise_offset`` adds a per-channel offset to eps (``schedule.min_snr_weight``, ``offset_noise``).
-    ``compile`` runs the denoiser through ``torch.compile`` (``compile_denoiser``), in training and sampling.
+    ``compile`` runs the denoiser through ``torch.compile`` (``compile_denoiser``), in training and sampling;
+    ``channels_last`` keeps its convolution weights in channels-last order (``channels_last_denoiser``).
     """
 
     def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
@@ -61,7 +62,7 @@ class DDPM(pl.LightningModule):
                  given_betas: Sequence[float] | None = None, v_posterior: float = 0.0,
                  l_simple_weight: float = 1.0, scheduler_config: Mapping | None = None,
                  ema_decay: float = 0.9999, snr_gamma: float | None = None, noise_offset: float = 0.0,
-                 optimizer: str = "adamw", compile: bool = False):
+                 optimizer: str = "adamw", compile: bool = False, channels_last: bool = False):
         super().__init__()
         if (snr_gamma is not None and snr_gamma <= 0) or noise_offset < 0:
             raise ValueError(f"DDPM: snr_gamma={snr_gamma}, noise_offset={noise_offset}: expected > 0 (or null) "
@@ -73,6 +74,8 @@ class DDPM(pl.LightningModule):
         self.l_simple_weight = l_simple_weight
         self.scheduler_config = scheduler_config
         self.model = DiffusionWrapper(unet_config)
+        if channels_last:
+            self.channels_last_denoiser()
         if compile:
             self.compile_denoiser()
         self.use_ema = use_ema
@@ -93,6 +96,13 @@ class DDPM(pl.LightningModule):
         self.base_override: str | None = None  # set_base_weights: where a resumed run's base file is now
         if ckpt_path:
             self.init_from_ckpt(ckpt_path, ignore_keys)
+
+    def channels_last_denoiser(self) -> None:
+        """The UNet's convolution weights in channels-last memory order (``torch.channels_last``), in
+        place: its convolutions then take and give NHWC data (oneDNN on a CPU, cuDNN on a GPU). Values,
+        parameter names and checkpoint keys stay as they are; weights loaded later keep the order
+        (``copy_``), and so do their gradients and optimizer state."""
+        self.model.diffusion_model.to(memory_format=torch.channels_last)
 
     def compile_denoiser(self) -> None:
         """``torch.compile`` the UNet in place (``nn.Module.compile``: its parameters and checkpoint keys
