@@ -154,9 +154,8 @@ def decode(session: Session, history: torch.Tensor, s: GenerationSettings) -> to
     ``pad_token_id`` after eos."""
     batch = history.shape[0]
     logits = session.prefill()  # (B, V)
-    rows = torch.arange(batch, device=history.device).repeat_interleave(s.rows_per_input)
     session.expand(s.rows_per_input)
-    logits, history = logits[rows], history[rows]
+    logits, history = logits.repeat_interleave(s.rows_per_input, 0), history.repeat_interleave(s.rows_per_input, 0)
     procs = logits_processors(s, history.shape[1], history.device)
     if s.num_beams > 1:
         return beam_search(session, logits, history, s, procs, batch)

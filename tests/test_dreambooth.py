@@ -225,11 +225,17 @@ def test_text_encoder_has_its_own_learning_rate_and_the_vae_is_never_trained():
         dreambooth(train_text_encoder=False, text_encoder_lr=1e-5)
 
 
-def test_cached_latents_equal_fresh_ones_and_each_distinct_image_is_encoded_once(monkeypatch):
-    model = dreambooth(cache_latents=True)
+def count_encodes(model, monkeypatch) -> list[int]:
+    """The batch size of each call of the model's VAE encoder from now on, as the list returned fills."""
     vae = model.first_stage_model
     encode, encoded = vae.encode, []
     monkeypatch.setattr(vae, "encode", lambda x: encoded.append(x.shape[0]) or encode(x))
+    return encoded
+
+
+def test_cached_latents_equal_fresh_ones_and_each_distinct_image_is_encoded_once(monkeypatch):
+    model = dreambooth(cache_latents=True)
+    encoded = count_encodes(model, monkeypatch)
     batch = pair(2)
     batch["class"]["image"][1] = batch["instance"]["image"][0]  # 3 distinct images
     losses = []
@@ -248,9 +254,7 @@ def test_cached_latents_equal_fresh_ones_and_each_distinct_image_is_encoded_once
 
 def test_the_data_sets_digests_key_the_latent_cache_without_hashing_the_batch(monkeypatch):
     model = dreambooth(cache_latents=True)
-    vae = model.first_stage_model
-    encode, encoded = vae.encode, []
-    monkeypatch.setattr(vae, "encode", lambda x: encoded.append(x.shape[0]) or encode(x))
+    encoded = count_encodes(model, monkeypatch)
     batch = pair(2)
     torch.manual_seed(7)
     hashed = model.training_step(batch, 0)  # no digests in the batch: the model hashes the images

@@ -256,10 +256,9 @@ class DecodingSession:
 
     def expand(self, rows_per_input: int) -> None:
         """Repeat each row ``rows_per_input`` times, for the beams or samples of its input."""
-        index = torch.arange(self.key_mask.shape[0], device=self.key_mask.device).repeat_interleave(rows_per_input)
-        self.key_mask = self.key_mask.index_select(0, index)
+        self.key_mask = self.key_mask.repeat_interleave(rows_per_input, 0)
         if self.cache is None:
-            self.embeds = self.embeds.index_select(0, index)
+            self.embeds = self.embeds.repeat_interleave(rows_per_input, 0)
         else:
             self.cache.expand(rows_per_input)
 
